@@ -1,0 +1,1 @@
+"""Sparsity and FLOPs accounting, reports and plots."""

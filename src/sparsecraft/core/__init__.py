@@ -1,0 +1,1 @@
+"""The mask engine: selection, patterns, scores, distributions, masks that last, save/load."""

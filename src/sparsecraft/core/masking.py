@@ -1,0 +1,307 @@
+"""Applying masks so that pruned weights stay exactly zero, whatever the training loop does.
+
+Design: the parameter itself stays a plain ``nn.Parameter`` (same name, same optimizer slot) and is
+zeroed in place; its mask is a boolean buffer ``<param>_mask`` on the same module, so masks travel
+with ``state_dict``, deepcopy and pickling. Three guards keep the zeros:
+
+1. gradients of pruned weights are zeroed as soon as they are accumulated, and the optimizer state
+   of pruned weights (momentum, Adam moments) is zeroed when masks are applied, so SGD (momentum,
+   Nesterov, weight decay), Adam and AdamW leave them at exactly zero;
+2. a bound optimizer re-applies the masks after each ``step()`` (for optimizers that add noise or
+   otherwise move zero-gradient weights);
+3. a forward pre-hook re-applies a mask only when the weight's version counter shows it was changed
+   in place since (``load_state_dict``, a manual edit), so a normal forward costs one integer check.
+
+Masking in place never touches a weight that autograd has saved, because it only happens when
+someone else has already modified the weight in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from sparsecraft.errors import MaskMismatchError
+
+MASK_SUFFIX = "_mask"
+PATTERN_ATTR = "_sparsecraft_patterns"
+
+
+class _GradMasker:
+    """post-accumulate-grad hook: zero the gradient of pruned weights (never pickled: torch drops it)."""
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        self.module = weakref.ref(module)
+        self.name = name
+
+    def __call__(self, param: Tensor) -> None:
+        module = self.module()
+        if module is None or param.grad is None:
+            return
+        enforcer = find_enforcer(module)
+        mask = module._buffers.get(self.name + MASK_SUFFIX)
+        if enforcer is None or mask is None or not enforcer.mask_gradients:
+            return
+        param.grad.mul_(mask)
+
+
+class MaskEnforcer:
+    """Forward pre-hook (and load_state_dict post-hook) that keeps one module's masks in force."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.mask_gradients = True
+        self._versions: dict[str, int] = {}
+        self._hooked: dict[str, weakref.ref] = {}
+        self._handles: list = []
+
+    # pickling / deepcopy keep only the configuration; hooks are re-registered on first use
+    def __getstate__(self) -> dict:
+        return {"names": list(self.names), "mask_gradients": self.mask_gradients}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+        self.names = state["names"]
+        self.mask_gradients = state["mask_gradients"]
+
+    def __call__(self, module: nn.Module, *_: object) -> None:
+        self.enforce(module, force=False)
+
+    def enforce(self, module: nn.Module, force: bool = True) -> None:
+        for name in self.names:
+            param = module._parameters[name]
+            mask = module._buffers[name + MASK_SUFFIX]
+            if param is None or mask is None:
+                continue
+            if force or self._versions.get(name) != param._version:
+                with torch.no_grad():
+                    param.mul_(mask)
+                self._versions[name] = param._version
+            ref = self._hooked.get(name)
+            if param.requires_grad and (ref is None or ref() is not param):
+                self._handles.append(param.register_post_accumulate_grad_hook(_GradMasker(module, name)))
+                self._hooked[name] = weakref.ref(param)
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()
+
+
+def find_enforcer(module: nn.Module) -> MaskEnforcer | None:
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, MaskEnforcer):
+            return hook
+    return None
+
+
+def _enforce_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    enforcer = find_enforcer(module)
+    if enforcer is not None:
+        enforcer.enforce(module, force=True)
+
+
+def _install(module: nn.Module) -> MaskEnforcer:
+    enforcer = find_enforcer(module)
+    if enforcer is None:
+        enforcer = MaskEnforcer()
+        module.register_forward_pre_hook(enforcer)
+        module.register_load_state_dict_post_hook(_enforce_after_load)
+    return enforcer
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    module_name, _, param_name = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if module_name else model
+    except AttributeError:
+        raise MaskMismatchError(f"mask {name!r}: the model has no module {module_name!r}") from None
+    if module._parameters.get(param_name) is None:
+        raise MaskMismatchError(f"mask {name!r}: module {module_name or '(root)'!r} has no parameter {param_name!r}")
+    return module, param_name
+
+
+def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Raise one MaskMismatchError listing every mask whose name or shape does not fit the model."""
+    problems: list[str] = []
+    for name, mask in masks.items():
+        try:
+            module, param_name = _resolve(model, name)
+        except MaskMismatchError as e:
+            problems.append(str(e))
+            continue
+        shape = tuple(module._parameters[param_name].shape)
+        if tuple(mask.shape) != shape:
+            problems.append(f"mask {name!r}: shape {tuple(mask.shape)} does not match the parameter's {shape}")
+        elif mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            problems.append(f"mask {name!r}: values must be 0/1 (or bool)")
+    if problems:
+        raise MaskMismatchError(
+            "masks do not fit this model (nothing was changed):\n  " + "\n  ".join(problems)
+            + "\nCheck that the masks were made for this architecture."
+        )
+
+
+def apply_masks(
+    model: nn.Module,
+    masks: Mapping[str, Tensor],
+    patterns: Mapping[str, str] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    """Apply ``{parameter name: mask}`` to the model: all of them, or (on any bad mask) none."""
+    validate_masks(model, masks)
+    for name, mask in masks.items():
+        module, param_name = _resolve(model, name)
+        param = module._parameters[param_name]
+        key = param_name + MASK_SUFFIX
+        bool_mask = mask.detach().to(device=param.device, dtype=torch.bool)
+        if isinstance(module._buffers.get(key), Tensor):
+            module._buffers[key] = bool_mask.clone()
+        else:
+            module.register_buffer(key, bool_mask.clone())
+        enforcer = _install(module)
+        if param_name not in enforcer.names:
+            enforcer.names.append(param_name)
+        module.__dict__.setdefault(PATTERN_ATTR, {})[param_name] = (patterns or {}).get(name, "custom")
+        enforcer.enforce(module, force=True)
+    if optimizer is not None:
+        bind_optimizer(model, optimizer)
+    for opt in _bound_optimizers(model):
+        zero_optimizer_state(model, opt)
+
+
+def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
+    """(fully-qualified parameter name, module, parameter name) for every masked parameter."""
+    for module_name, module in model.named_modules():
+        enforcer = find_enforcer(module)
+        for param_name in enforcer.names if enforcer else ():
+            yield (f"{module_name}.{param_name}" if module_name else param_name), module, param_name
+
+
+def masks_of(model: nn.Module) -> dict[str, Tensor]:
+    return {fqn: module._buffers[p + MASK_SUFFIX] for fqn, module, p in iter_masked(model)}
+
+
+def patterns_of(model: nn.Module) -> dict[str, str]:
+    return {fqn: getattr(module, PATTERN_ATTR, {}).get(p, "custom") for fqn, module, p in iter_masked(model)}
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return next(iter_masked(model), None) is not None
+
+
+def enforce_masks(model: nn.Module) -> None:
+    """Multiply every weight by its mask now (after a manual edit of the weights, say)."""
+    for module in model.modules():
+        enforcer = find_enforcer(module)
+        if enforcer is not None:
+            enforcer.enforce(module, force=True)
+
+
+@contextlib.contextmanager
+def dense_gradients(model: nn.Module) -> Iterator[None]:
+    """Inside, pruned weights get their true (dense) gradients; gradient-based scores and RigL use it."""
+    enforcers = [e for m in model.modules() if (e := find_enforcer(m)) is not None]
+    previous = [e.mask_gradients for e in enforcers]
+    for e in enforcers:
+        e.mask_gradients = False
+    try:
+        yield
+    finally:
+        for e, p in zip(enforcers, previous):
+            e.mask_gradients = p
+
+
+# Optimizers bound to a model, kept outside the model so that pickling it never pulls them in.
+_OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref]] = weakref.WeakKeyDictionary()
+
+
+def _bound_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
+    return [o for ref in _OPTIMIZERS.get(model, []) if (o := ref()) is not None]
+
+
+class _AfterStep:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
+        model = self.model()
+        if model is not None:
+            enforce_masks(model)
+
+
+def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Zero the optimizer state of pruned weights now, and re-apply masks after each of its steps."""
+    if optimizer in _bound_optimizers(model):
+        zero_optimizer_state(model, optimizer)
+        return
+    optimizer.register_step_post_hook(_AfterStep(model))
+    _OPTIMIZERS.setdefault(model, []).append(weakref.ref(optimizer))
+    zero_optimizer_state(model, optimizer)
+
+
+def zero_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Zero every per-weight state tensor (momentum, exp_avg, exp_avg_sq, ...) at pruned positions."""
+    masked = {id(module._parameters[p]): module._buffers[p + MASK_SUFFIX] for _, module, p in iter_masked(model)}
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                mask = masked.get(id(param))
+                state = optimizer.state.get(param) if mask is not None else None
+                for value in (state or {}).values():
+                    if isinstance(value, Tensor) and value.shape == param.shape:
+                        value.mul_(mask)
+
+
+def remove_masks(model: nn.Module, names: list[str] | None = None) -> nn.Module:
+    """Make the zeros permanent and drop masks and hooks: a plain model whose zeros are the masks.
+
+    With ``names``, only those parameters are released (the others stay masked).
+    """
+    for fqn, module, param_name in list(iter_masked(model)):
+        if names is not None and fqn not in names:
+            continue
+        enforcer = find_enforcer(module)
+        assert enforcer is not None
+        enforcer.enforce(module, force=True)
+        enforcer.names.remove(param_name)
+        del module._buffers[param_name + MASK_SUFFIX]
+        getattr(module, PATTERN_ATTR, {}).pop(param_name, None)
+        if not enforcer.names:
+            enforcer.release()
+            for key, hook in list(module._forward_pre_hooks.items()):
+                if hook is enforcer:
+                    del module._forward_pre_hooks[key]
+            for key, hook in list(module._load_state_dict_post_hooks.items()):
+                if hook is _enforce_after_load:
+                    del module._load_state_dict_post_hooks[key]
+            module.__dict__.pop(PATTERN_ATTR, None)
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Remove every mask hook and buffer; the pruned weights stay exactly zero."""
+    return remove_masks(model)
+
+
+def split_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The masks inside a state_dict: keys ``<param>_mask`` whose ``<param>`` the model has."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        key[: -len(MASK_SUFFIX)]: value
+        for key, value in state_dict.items()
+        if key.endswith(MASK_SUFFIX) and key[: -len(MASK_SUFFIX)] in params
+    }
+
+
+def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
+    """Load a state_dict saved from a sparsified model into a fresh (dense) one: masks first, then weights."""
+    masks = split_state_dict(model, state_dict)
+    if masks:
+        apply_masks(model, masks)
+    return model.load_state_dict(state_dict, strict=strict)

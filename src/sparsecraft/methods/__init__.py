@@ -1,0 +1,1 @@
+"""Published sparsity methods, one module each; they build on sparsecraft.core only."""

@@ -33,7 +33,7 @@ def kept_weights(module: nn.Module, param_name: str = "weight") -> int:
     """Kept weights: the mask's count when masked, else the weight's nonzeros."""
     mask = module._buffers.get(param_name + MASK_SUFFIX)
     if mask is not None:
-        return int(mask.sum())
+        return int(torch.count_nonzero(mask))
     return int(torch.count_nonzero(module._parameters[param_name].detach()))
 
 

@@ -100,21 +100,21 @@ class SparsityReport:
         flops = self.other_flops is not None
         table = Table(title=title, show_footer=True)
         t = self.totals()
-        table.add_column("layer", footer="total")
+        table.add_column("layer", footer="total", no_wrap=True)
         table.add_column("type")
-        table.add_column("shape")
+        table.add_column("shape", no_wrap=True)
         table.add_column("pattern")
         table.add_column("density", justify="right", footer=f"{t['density']:.4f}")
-        table.add_column("kept / weights", justify="right", footer=f"{t['kept']:,} / {t['weights']:,}")
+        table.add_column("kept", justify="right", footer=f"{t['kept']:,} of {t['weights']:,}")
         if flops:
             table.add_column("dense FLOPs", justify="right", footer=_human(self.dense_flops))
             table.add_column("sparse FLOPs", justify="right", footer=_human(self.sparse_flops))
         for r in self.layers:
-            row = [r.name, r.type, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.4f}", f"{r.kept:,} / {r.weights:,}"]
+            row = [r.name, r.type, "x".join(map(str, r.shape)), r.pattern, f"{r.density:.4f}", f"{r.kept:,}"]
             if flops:
                 row += [_human(r.dense_flops), _human(r.sparse_flops)]
             table.add_row(*row)
-        if flops:
+        if flops and self.other_flops:
             table.add_row("(other matmuls)", "", "", "dense", "", "", _human(self.other_flops), _human(self.other_flops))
         caption = [f"all parameters: {self.nonzero_parameters:,} nonzero of {self.parameters:,}"]
         if flops:

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from sparsecraft.core.masking import apply_masks, split_state_dict
+from sparsecraft.core.masking import apply_masks, patterns_of, split_state_dict
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.models import create
 from sparsecraft.utils import atomic_path
@@ -27,7 +27,7 @@ FORMAT = "sparsecraft.checkpoint/1"
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike[str], spec: str, kwargs: dict[str, Any] | None = None) -> None:
     """Write weights, masks and the model spec to ``path`` (atomically)."""
-    metadata = {"format": FORMAT, "model": spec, "kwargs": json.dumps(kwargs or {})}
+    metadata = {"format": FORMAT, "model": spec, "kwargs": json.dumps(kwargs or {}), "patterns": json.dumps(patterns_of(model))}
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata=metadata)
 
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     model = create(metadata["model"], **json.loads(metadata.get("kwargs", "{}")))
     masks = split_state_dict(model, load_file(str(p)))
     if masks:
-        apply_masks(model, masks)
+        apply_masks(model, masks, json.loads(metadata.get("patterns", "{}")))
     load_model(model, str(p), strict=True)
     return model, metadata["model"]
 

@@ -1,0 +1,1 @@
+"""The ``sparsecraft`` command line: one module per verb, wired together in main.py."""

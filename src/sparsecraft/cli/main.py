@@ -1,0 +1,25 @@
+"""Entry point: ``sparsecraft <verb>``."""
+
+from __future__ import annotations
+
+import typer
+
+from sparsecraft.cli.demo_cmd import demo_command
+from sparsecraft.cli.list_cmd import list_command
+from sparsecraft.cli.prune_cmd import prune_command
+from sparsecraft.cli.report_cmd import report_command
+
+app = typer.Typer(
+    name="sparsecraft",
+    help="Make neural networks sparse, and make the sparsity pay off.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("demo")(demo_command)
+app.command("prune")(prune_command)
+app.command("report")(report_command)
+app.command("list")(list_command)
+
+if __name__ == "__main__":
+    app()

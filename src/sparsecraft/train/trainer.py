@@ -1,0 +1,83 @@
+"""Minimal supervised training: mini-batches, one optimizer, a progress bar per epoch.
+
+Sparsity needs nothing from this loop: masks applied with ``sparsecraft.prune(..., optimizer=opt)``
+stay in force on their own. ``on_step`` is where a sparsifier's ``step()`` goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+}
+
+
+def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 3e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name](model.parameters(), lr, weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size].to(device))
+        correct += int((logits.argmax(-1).cpu() == y[i : i + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(x)
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> list[float]:
+    """Train with cross-entropy; returns the mean loss of each epoch. A cosine LR decay over the run."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    history: list[float] = []
+    step = 0
+    model.train()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not progress) as bar:
+        task = bar.add_task(description, total=epochs, loss=float("nan"))
+        for _ in range(epochs):
+            order = torch.randperm(len(x), generator=gen)
+            total = 0.0
+            for i in range(0, len(x), batch_size):
+                idx = order[i : i + batch_size]
+                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                if on_step is not None:
+                    on_step(step)
+                total += loss.item() * len(idx)
+            history.append(total / len(x))
+            bar.update(task, advance=1, loss=history[-1])
+    return history

@@ -143,6 +143,7 @@ def prune(
     distribution: str = "uniform",
     score: str | Score | ScoreCallable = "magnitude",
     optimizer: torch.optim.Optimizer | None = None,
+    verbose: bool = False,
     **options: object,
 ) -> PrunePlan:
     """Prune ``model`` in one shot and keep it pruned.
@@ -155,6 +156,7 @@ def prune(
             ``densities=``) pass through.
         score: a registered score name or ``fn(target, *, seed) -> Tensor``.
         optimizer: bound so its state of pruned weights is zeroed and masks re-applied after steps.
+        verbose: print the selection and the plan (rich tables) before applying.
         options: selection (``types``, ``include``, ``exclude``, ``keep_first_dense``,
             ``keep_last_dense``), ``layer_patterns={glob: pattern}``, ``seed``.
 
@@ -163,6 +165,10 @@ def prune(
     plan = compute_masks(
         model, sparsity=sparsity, density=density, pattern=pattern, distribution=distribution, score=score, **options  # type: ignore[arg-type]
     )
+    if verbose:
+        from rich.console import Console
+
+        Console().print(plan.selection.table(), plan.table())
     if not plan.masks:
         raise SparsecraftError("this plan keeps every selected layer dense; nothing to prune")
     apply_masks(model, plan.masks, {n: str(p) for n, p in plan.patterns.items()}, optimizer=optimizer)

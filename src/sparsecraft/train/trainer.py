@@ -81,3 +81,27 @@ def fit(
             history.append(total / len(x))
             bar.update(task, advance=1, loss=history[-1])
     return history
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: Tensor, batch_size: int = 256) -> None:
+    """Re-estimate BatchNorm running statistics on ``x`` (cumulative average over its batches).
+
+    Pruning shifts every activation distribution, so the stored statistics of a dense model are
+    stale; recomputing them is the standard cheap repair before judging one-shot accuracy.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average over the batches below
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        model(x[i : i + batch_size].to(device))
+    model.train(was_training)
+    for m, momentum in saved:
+        m.momentum = momentum

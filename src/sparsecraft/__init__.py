@@ -12,7 +12,6 @@ from sparsecraft.analysis.report import SparsityReport, report
 from sparsecraft.core.io import load_masks, read_masks, save_masks
 from sparsecraft.core.masking import (
     apply_masks,
-    bind_optimizer,
     dense_gradients,
     enforce_masks,
     finalize,
@@ -20,6 +19,7 @@ from sparsecraft.core.masking import (
     masks_of,
     remove_masks,
 )
+from sparsecraft.core.optimizers import bind_optimizer
 from sparsecraft.core.patterns import parse_pattern
 from sparsecraft.core.prune import PrunePlan, compute_masks, prune
 from sparsecraft.core.scores import accumulate_gradients, register_score

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sparsecraft.analysis.report import report
-from sparsecraft.core.masking import bind_optimizer
 from sparsecraft.core.prune import prune
 from sparsecraft.data import digits
 from sparsecraft.models import create
@@ -68,7 +67,6 @@ def run_demo(config: DemoConfig, progress: bool = True, log: Callable[[str], Non
                 recalibrate_batchnorm(model, split.x_train)
                 one_shot = evaluate(model, split.x_test, split.y_test)
                 optimizer = make_optimizer(model, lr=1e-3)
-                bind_optimizer(model, optimizer)
                 fit(model, split.x_train, split.y_train, optimizer, config.fine_tune_epochs, seed=seed, progress=progress,
                     description=f"fine-tune {distribution} {sparsity:.0%}")
                 r = report(model)

@@ -6,13 +6,15 @@ zeroed in place; its mask is a 0/1 buffer ``<param>_mask`` on the same module, s
 ``.to(dtype)``): multiplying by a float mask is ~7x faster on CPU than by a bool one (measured,
 1024x784 fp32). ``masks_of`` hands out bool copies. Three guards keep the zeros:
 
-1. gradients of pruned weights are zeroed as soon as they are accumulated, and the optimizer state
-   of pruned weights (momentum, Adam moments) is zeroed when masks are applied, so SGD (momentum,
-   Nesterov, weight decay), Adam and AdamW leave them at exactly zero;
-2. a bound optimizer re-applies the masks after each ``step()`` (for optimizers that add noise or
-   otherwise move zero-gradient weights);
+1. gradients of pruned weights are zeroed as soon as they are accumulated (a post-accumulate-grad
+   hook), so gradient clipping and every optimizer see the sparse gradient;
+2. every optimizer that steps a masked weight is noticed by a process-wide step hook
+   (:mod:`sparsecraft.core.optimizers`): its state at pruned positions (momentum, Adam moments) is
+   zeroed before its first step, and after each step the masks are re-applied, unless the step
+   provably kept the zeros (an elementwise torch optimizer fed the masked gradient untouched);
 3. a forward pre-hook re-applies a mask only when the weight's version counter shows it was changed
-   in place since (``load_state_dict``, a manual edit), so a normal forward costs one integer check.
+   in place by something else (``load_state_dict``, a manual edit), so a normal forward costs one
+   integer check per layer.
 
 Masking in place never touches a weight that autograd has saved, because it only happens when
 someone else has already modified the weight in place.
@@ -50,6 +52,7 @@ class _GradMasker:
         if enforcer is None or mask is None or not enforcer.mask_gradients:
             return
         param.grad.mul_(mask)
+        enforcer.masked_grads[self.name] = (weakref.ref(param.grad), param.grad._version)
 
 
 class MaskEnforcer:
@@ -61,6 +64,8 @@ class MaskEnforcer:
         self._versions: dict[str, int] = {}
         self._hooked: dict[str, weakref.ref] = {}
         self._handles: list = []
+        # the gradient tensor each weight's hook last masked, and its version right after
+        self.masked_grads: dict[str, tuple[weakref.ref, int]] = {}
 
     # pickling / deepcopy keep only the configuration; hooks are re-registered on first use
     def __getstate__(self) -> dict:
@@ -83,17 +88,53 @@ class MaskEnforcer:
             if force or self._versions.get(name) != param._version:
                 with torch.no_grad():
                     param.mul_(mask)
-                self._versions[name] = param._version
+                self.note_version(name, param)
             ref = self._hooked.get(name)
             if param.requires_grad and (ref is None or ref() is not param):
                 self._handles.append(param.register_post_accumulate_grad_hook(_GradMasker(module, name)))
                 self._hooked[name] = weakref.ref(param)
+                register_masked_param(param, module, name)
+
+    def grad_is_masked(self, name: str, param: Tensor) -> bool:
+        """True when ``param.grad`` is the tensor this enforcer masked, unchanged since."""
+        record = self.masked_grads.get(name)
+        return record is not None and param.grad is not None and record[0]() is param.grad and record[1] == param.grad._version
+
+    def note_version(self, name: str, param: Tensor) -> None:
+        """Record that ``param`` is masked as it stands now."""
+        self._versions[name] = param._version
+
+    def is_current(self, name: str, param: Tensor) -> bool:
+        """True when ``param`` has not been modified in place since it was last masked."""
+        return self._versions.get(name) == param._version and self._hooked.get(name) is not None and self._hooked[name]() is param
 
     def release(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
         self._hooked.clear()
+
+
+# Masked parameters by id, for the process-wide optimizer hooks: id -> (param ref, module ref, name).
+_MASKED_PARAMS: dict[int, tuple[weakref.ref, weakref.ref, str]] = {}
+# Bumped whenever masks are added or removed, so cached views of optimizers are rebuilt.
+MASK_GENERATION = [0]
+
+
+def register_masked_param(param: Tensor, module: nn.Module, name: str) -> None:
+    key = id(param)
+    _MASKED_PARAMS[key] = (weakref.ref(param, lambda _: _MASKED_PARAMS.pop(key, None)), weakref.ref(module), name)
+    MASK_GENERATION[0] += 1
+
+
+def masked_param_entry(param: Tensor) -> tuple[nn.Module, str, Tensor] | None:
+    """(module, parameter name, mask) when ``param`` is currently masked, else None."""
+    entry = _MASKED_PARAMS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return None
+    module = entry[1]()
+    mask = module._buffers.get(entry[2] + MASK_SUFFIX) if module is not None else None
+    return None if mask is None else (module, entry[2], mask)  # type: ignore[return-value]
 
 
 def find_enforcer(module: nn.Module) -> MaskEnforcer | None:
@@ -173,10 +214,9 @@ def apply_masks(
             enforcer.names.append(param_name)
         module.__dict__.setdefault(PATTERN_ATTR, {})[param_name] = (patterns or {}).get(name) or infer_pattern(bool_mask)
         enforcer.enforce(module, force=True)
+        register_masked_param(param, module, param_name)  # masks changed: optimizers re-zero their state
     if optimizer is not None:
-        bind_optimizer(model, optimizer)
-    for opt in _bound_optimizers(model):
-        zero_optimizer_state(model, opt)
+        _optimizers.bind_optimizer(optimizer)
 
 
 def iter_masked(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
@@ -222,7 +262,7 @@ def enforce_masks(model: nn.Module) -> None:
     for module, name, param in touched:
         enforcer = find_enforcer(module)
         if enforcer is not None:
-            enforcer._versions[name] = param._version
+            enforcer.note_version(name, param)
 
 
 @contextlib.contextmanager
@@ -239,47 +279,6 @@ def dense_gradients(model: nn.Module) -> Iterator[None]:
             e.mask_gradients = p
 
 
-# Optimizers bound to a model, kept outside the model so that pickling it never pulls them in.
-_OPTIMIZERS: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref]] = weakref.WeakKeyDictionary()
-
-
-def _bound_optimizers(model: nn.Module) -> list[torch.optim.Optimizer]:
-    return [o for ref in _OPTIMIZERS.get(model, []) if (o := ref()) is not None]
-
-
-class _AfterStep:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = weakref.ref(model)
-
-    def __call__(self, optimizer: torch.optim.Optimizer, *_: object) -> None:
-        model = self.model()
-        if model is not None:
-            enforce_masks(model)
-
-
-def bind_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Zero the optimizer state of pruned weights now, and re-apply masks after each of its steps."""
-    if optimizer in _bound_optimizers(model):
-        zero_optimizer_state(model, optimizer)
-        return
-    optimizer.register_step_post_hook(_AfterStep(model))
-    _OPTIMIZERS.setdefault(model, []).append(weakref.ref(optimizer))
-    zero_optimizer_state(model, optimizer)
-
-
-def zero_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Zero every per-weight state tensor (momentum, exp_avg, exp_avg_sq, ...) at pruned positions."""
-    masked = {id(module._parameters[p]): module._buffers[p + MASK_SUFFIX] for _, module, p in iter_masked(model)}
-    with torch.no_grad():
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                mask = masked.get(id(param))
-                state = optimizer.state.get(param) if mask is not None else None
-                for value in (state or {}).values():
-                    if isinstance(value, Tensor) and value.shape == param.shape:
-                        value.mul_(mask)
-
-
 def remove_masks(model: nn.Module, names: list[str] | None = None) -> nn.Module:
     """Make the zeros permanent and drop masks and hooks: a plain model whose zeros are the masks.
 
@@ -294,6 +293,7 @@ def remove_masks(model: nn.Module, names: list[str] | None = None) -> nn.Module:
         enforcer.names.remove(param_name)
         del module._buffers[param_name + MASK_SUFFIX]
         getattr(module, PATTERN_ATTR, {}).pop(param_name, None)
+        MASK_GENERATION[0] += 1
         if not enforcer.names:
             enforcer.release()
             for key, hook in list(module._forward_pre_hooks.items()):
@@ -327,3 +327,7 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], s
     if masks:
         apply_masks(model, masks)
     return model.load_state_dict(state_dict, strict=strict)
+
+
+# Installs the process-wide optimizer step hooks (guard 2); imported last, it needs the names above.
+from sparsecraft.core import optimizers as _optimizers  # noqa: E402,F401

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,3 +164,23 @@ def test_new_masks_make_the_optimizer_zero_its_state_again():
     for name, mask in sc.masks_of(model).items():
         buf = opt.state[model.get_submodule(name.rsplit(".", 1)[0]).weight]["momentum_buffer"]
         assert torch.count_nonzero(buf[~mask]) == 0
+
+
+def test_optimizer_state_loaded_after_pruning_is_zeroed_before_the_next_step():
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        backward(model)
+        opt.step()
+    dense_state = copy.deepcopy(opt.state_dict())  # state_dict() shares the live tensors
+    sc.prune(model, sparsity=0.75)
+    opt.zero_grad()
+    backward(model)
+    opt.step()
+    opt.load_state_dict(dense_state)  # e.g. rewinding: dense moments come back
+    for _ in range(3):
+        opt.zero_grad()
+        backward(model)
+        opt.step()
+        assert_pruned_zero(model)

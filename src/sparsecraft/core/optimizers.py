@@ -46,8 +46,14 @@ def _masked_params(optimizer: torch.optim.Optimizer) -> list[tuple[Tensor, objec
             if hit is not None:
                 entries.append((param, *hit))
     _zero_state(optimizer, entries)
+    if cached is None:  # first sight: a later optimizer.load_state_dict brings state back, so look again
+        optimizer.register_load_state_dict_post_hook(_forget)
     _SEEN[optimizer] = (MASK_GENERATION[0], entries)
     return entries
+
+
+def _forget(optimizer: torch.optim.Optimizer) -> None:
+    _SEEN[optimizer] = (-1, [])
 
 
 def _zero_state(optimizer: torch.optim.Optimizer, entries) -> None:

@@ -8,6 +8,7 @@ from sparsecraft.cli.demo_cmd import demo_command
 from sparsecraft.cli.list_cmd import list_command
 from sparsecraft.cli.prune_cmd import prune_command
 from sparsecraft.cli.report_cmd import report_command
+from sparsecraft.cli.train_cmd import train_command
 
 app = typer.Typer(
     name="sparsecraft",
@@ -19,6 +20,7 @@ app = typer.Typer(
 app.command("demo")(demo_command)
 app.command("prune")(prune_command)
 app.command("report")(report_command)
+app.command("train")(train_command)
 app.command("list")(list_command)
 
 if __name__ == "__main__":

@@ -39,6 +39,10 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
     return correct / len(x)
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size
+
+
 def fit(
     model: nn.Module,
     x: Tensor,
@@ -50,22 +54,32 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     description: str = "train",
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train with cross-entropy; returns the mean loss of each epoch. A cosine LR decay over the run."""
+    """Train with cross-entropy; returns the mean loss of each epoch run.
+
+    The LR follows ``scheduler`` (default: cosine decay over the run, stepped per batch). Batch
+    order depends only on ``seed`` and the epoch, so a run resumed at ``start_epoch`` (with the
+    model, optimizer and scheduler state restored) continues exactly as the uninterrupted one.
+    ``on_step(step)`` runs after every optimizer step (a sparsifier's ``step()`` goes there),
+    ``on_epoch_end(epoch, loss)`` after every epoch (checkpoints, metrics).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(x) + batch_size - 1) // batch_size
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * steps_per_epoch))
+    per_epoch = steps_per_epoch(len(x), batch_size)
+    if scheduler is None:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * per_epoch))
     history: list[float] = []
-    step = 0
+    step = start_epoch * per_epoch
     model.train()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn())
     with Progress(*columns, transient=True, disable=not progress) as bar:
-        task = bar.add_task(description, total=epochs, loss=float("nan"))
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=gen)
+        task = bar.add_task(description, total=epochs, completed=start_epoch, loss=float("nan"))
+        for epoch in range(start_epoch, epochs):
+            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
             total = 0.0
             for i in range(0, len(x), batch_size):
                 idx = order[i : i + batch_size]
@@ -80,6 +94,8 @@ def fit(
                 total += loss.item() * len(idx)
             history.append(total / len(x))
             bar.update(task, advance=1, loss=history[-1])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, history[-1])
     return history
 
 

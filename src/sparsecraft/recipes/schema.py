@@ -1,0 +1,213 @@
+"""A whole training run as one validated file (YAML or TOML).
+
+Every section is a dataclass; unknown keys and wrong types are refused with the file, the line
+and the dotted field named. Example (YAML)::
+
+    model: cnn
+    data: digits
+    seed: 0
+    train: {epochs: 20, batch_size: 64, optimizer: adam, lr: 0.003}
+    sparsity:
+      method: gmp
+      sparsity: 0.9
+      distribution: erk
+      start: 0.1          # fraction of training (or an int step) where pruning starts
+      end: 0.6
+      frequency: 10       # steps between pruning events
+    output: runs/gmp90
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from sparsecraft.errors import SparsecraftError
+
+
+class RecipeError(SparsecraftError):
+    """A recipe that does not validate; the message names file, line and field."""
+
+
+METHODS = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "imp", "sms", "spdf")
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SparsitySection:
+    method: str = "dense"
+    sparsity: Optional[float] = None
+    pattern: str = "unstructured"
+    distribution: str = "uniform"
+    types: list[str] = field(default_factory=lambda: ["linear", "conv"])
+    include: Optional[list[str]] = None
+    exclude: Optional[list[str]] = None
+    keep_first_dense: bool = False
+    keep_last_dense: bool = False
+    # gmp: when pruning runs, as fractions of training (float) or steps (int); frequency in steps
+    start: Union[int, float] = 0.1
+    end: Union[int, float] = 0.6
+    frequency: int = 10
+    initial_sparsity: float = 0.0
+    # snip / grasp: calibration batches; synflow: rounds
+    batches: int = 4
+    rounds: int = 3
+    # imp: rewind step (0 = initialisation); sms: members per phase, greedy soups
+    rewind_step: int = 0
+    members: int = 3
+    greedy: bool = False
+    # spdf: epochs of dense fine-tuning after sparse training
+    dense_epochs: int = 5
+
+
+@dataclass
+class Recipe:
+    model: str = "cnn"
+    model_args: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    data_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    train: TrainSection = field(default_factory=TrainSection)
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
+    output: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _line_finder(text: str, suffix: str):
+    """field path -> line number (1-based) in the source text, best effort."""
+    if suffix in (".yaml", ".yml"):
+        root = yaml.compose(text)
+
+        def find(path: list[str]) -> int | None:
+            node, line = root, None
+            for key in path:
+                if not isinstance(node, yaml.MappingNode):
+                    break
+                for k, v in node.value:
+                    if k.value == key:
+                        node, line = v, k.start_mark.line + 1
+                        break
+                else:
+                    break
+            return line
+
+        return find
+
+    lines = text.splitlines()
+
+    def find_toml(path: list[str]) -> int | None:
+        section = ".".join(path[:-1])
+        in_section = not section
+        for i, line in enumerate(lines, start=1):
+            header = re.match(r"\s*\[([^\]]+)\]", line)
+            if header:
+                in_section = header[1].strip() == section
+                continue
+            if in_section and re.match(rf"\s*{re.escape(path[-1])}\s*=", line):
+                return i
+        return None
+
+    return find_toml
+
+
+def _check_type(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (Union, types.UnionType):
+        return any(_check_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_check_type(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _build(cls: type, data: Any, path: list[str], where) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where(path)}: {'.'.join(path) or 'recipe'} must be a table/mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        key = unknown[0]
+        raise RecipeError(f"{where(path + [key])}: unknown field {'.'.join(path + [key])!r}; known fields: {', '.join(sorted(names))}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, path + [key], where)
+        elif not _check_type(value, hint):
+            raise RecipeError(
+                f"{where(path + [key])}: field {'.'.join(path + [key])!r} should be {_describe(hint)}, got {value!r}"
+            )
+        else:
+            kwargs[key] = float(value) if hint is float else value
+    return cls(**kwargs)
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def parse_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> Recipe:
+    """Validate a recipe given as text; errors name ``source``, the line and the field."""
+    try:
+        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise RecipeError(f"{source}: does not parse: {e}") from None
+    find = _line_finder(text, suffix)
+
+    def where(path: list[str]) -> str:
+        line = find(path) if path else None
+        return f"{source}:{line}" if line else source
+
+    recipe = _build(Recipe, data or {}, [], where)
+    _check_values(recipe, where)
+    return recipe
+
+
+def _check_values(recipe: Recipe, where) -> None:
+    s = recipe.sparsity
+    if s.method not in METHODS:
+        raise RecipeError(f"{where(['sparsity', 'method'])}: sparsity.method {s.method!r} is not one of {', '.join(METHODS)}")
+    if s.method != "dense" and s.sparsity is None and ":" not in s.pattern:
+        raise RecipeError(f"{where(['sparsity'])}: sparsity.sparsity is required for method {s.method!r}")
+    if s.sparsity is not None and not 0.0 <= s.sparsity < 1.0:
+        raise RecipeError(f"{where(['sparsity', 'sparsity'])}: sparsity.sparsity={s.sparsity} must lie in [0, 1)")
+    if recipe.train.epochs < 1:
+        raise RecipeError(f"{where(['train', 'epochs'])}: train.epochs must be >= 1")
+    if s.method == "gmp" and isinstance(s.start, float) and isinstance(s.end, float) and not 0.0 <= s.start <= s.end <= 1.0:
+        raise RecipeError(f"{where(['sparsity', 'end'])}: gmp needs 0 <= start <= end <= 1 as fractions of training")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"recipe {p} does not exist")
+    return parse_recipe(p.read_text(), str(p), p.suffix.lower())

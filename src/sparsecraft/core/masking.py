@@ -39,20 +39,21 @@ PATTERN_ATTR = "_sparsecraft_patterns"
 class _GradMasker:
     """post-accumulate-grad hook: zero the gradient of pruned weights (never pickled: torch drops it)."""
 
-    def __init__(self, module: nn.Module, name: str) -> None:
+    def __init__(self, module: nn.Module, enforcer: MaskEnforcer, name: str) -> None:
         self.module = weakref.ref(module)
+        self.enforcer = weakref.ref(enforcer)
+        self.key = name + MASK_SUFFIX
         self.name = name
 
     def __call__(self, param: Tensor) -> None:
-        module = self.module()
-        if module is None or param.grad is None:
+        module, enforcer, grad = self.module(), self.enforcer(), param.grad
+        if module is None or enforcer is None or grad is None or not enforcer.mask_gradients:
             return
-        enforcer = find_enforcer(module)
-        mask = module._buffers.get(self.name + MASK_SUFFIX)
-        if enforcer is None or mask is None or not enforcer.mask_gradients:
+        mask = module._buffers.get(self.key)
+        if mask is None:
             return
-        param.grad.mul_(mask)
-        enforcer.masked_grads[self.name] = (weakref.ref(param.grad), param.grad._version)
+        grad.mul_(mask)
+        enforcer.masked_grads[self.name] = (weakref.ref(grad), grad._version)
 
 
 class MaskEnforcer:
@@ -80,18 +81,18 @@ class MaskEnforcer:
         self.enforce(module, force=False)
 
     def enforce(self, module: nn.Module, force: bool = True) -> None:
+        params, buffers = module._parameters, module._buffers
         for name in self.names:
-            param = module._parameters[name]
-            mask = module._buffers[name + MASK_SUFFIX]
-            if param is None or mask is None:
+            param = params[name]
+            if param is None:
                 continue
             if force or self._versions.get(name) != param._version:
                 with torch.no_grad():
-                    param.mul_(mask)
-                self.note_version(name, param)
+                    param.mul_(buffers[name + MASK_SUFFIX])
+                self._versions[name] = param._version
             ref = self._hooked.get(name)
-            if param.requires_grad and (ref is None or ref() is not param):
-                self._handles.append(param.register_post_accumulate_grad_hook(_GradMasker(module, name)))
+            if (ref is None or ref() is not param) and param.requires_grad:
+                self._handles.append(param.register_post_accumulate_grad_hook(_GradMasker(module, self, name)))
                 self._hooked[name] = weakref.ref(param)
                 register_masked_param(param, module, name)
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import sparsecraft as sc
 from sparsecraft.cli.main import app
-from sparsecraft.demo import DemoConfig, run_demo
+from sparsecraft.demo import DemoConfig, TrainingStageConfig, run_demo, run_training_stage
 from sparsecraft.models.checkpoint import load_checkpoint
 
 runner = CliRunner()
@@ -116,3 +116,15 @@ def test_demo_runs_end_to_end_small():
         assert r.sparsity == pytest.approx(r.target_sparsity, abs=1e-4)
         assert r.flops_ratio < 1.0
     assert rows[0].accuracy_fine_tuned > 0.5  # two epochs already learn digits
+
+
+def test_demo_training_stage_small(tmp_path):
+    from sparsecraft.demo import plot_training_stage
+
+    config = TrainingStageConfig(sparsities=(0.9,), epochs=1)
+    rows = run_training_stage(config, progress=False, log=lambda _: None)
+    assert [r.method for r in rows] == ["dense", "random-ERK (static)", "SNIP", "GMP"]
+    for r in rows[1:]:
+        assert r.sparsity == pytest.approx(0.9, abs=0.005)
+    plot_training_stage(rows, tmp_path / "demo.png")
+    assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"

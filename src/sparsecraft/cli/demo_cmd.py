@@ -11,20 +11,39 @@ from typing import Annotated, Optional
 import typer
 
 from sparsecraft.cli.common import console
-from sparsecraft.demo import DemoConfig, demo_table, run_demo
+from sparsecraft.demo import (
+    DemoConfig,
+    TrainingStageConfig,
+    demo_table,
+    plot_training_stage,
+    run_demo,
+    run_training_stage,
+    training_table,
+)
 from sparsecraft.utils import write_text_atomic
 
 
 def demo_command(
-    full: Annotated[bool, typer.Option(help="train longer, add 95% sparsity, average 3 seeds (a few minutes)")] = False,
+    full: Annotated[bool, typer.Option(help="train longer, more sparsities, average 3 seeds (several minutes)")] = False,
+    plot: Annotated[Path, typer.Option(help="accuracy-vs-sparsity plot of the training stage (PNG)")] = Path("sparsecraft-demo.png"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Train a small CNN on 8x8 digits, prune it at 50/80/90% (uniform, ERK), fine-tune, compare."""
-    config = DemoConfig.full() if full else DemoConfig()
+    """Digits CNN: (1) one-shot pruning at 50/80/90% with uniform and ERK, fine-tuned;
+    (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%."""
+    progress = not quiet and console.is_terminal
     start = time.perf_counter()
-    rows = run_demo(config, progress=not quiet and console.is_terminal, log=console.print)
+    console.rule("stage 1: one-shot magnitude pruning")
+    config = DemoConfig.full() if full else DemoConfig()
+    rows = run_demo(config, progress=progress, log=console.print)
     console.print(demo_table(rows, len(config.seeds)))
+    console.rule("stage 2: sparse training")
+    stage2 = TrainingStageConfig.full() if full else TrainingStageConfig()
+    trained = run_training_stage(stage2, progress=progress, log=console.print)
+    console.print(training_table(trained, len(stage2.seeds)))
+    plot_training_stage(trained, plot)
+    console.print(f"plot written to {plot}")
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
     if json_out is not None:
-        write_text_atomic(json_out, json.dumps([asdict(r) for r in rows], indent=2))
+        results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained]}
+        write_text_atomic(json_out, json.dumps(results, indent=2))

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from sparsecraft.errors import SparsecraftError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """A name that is not in a registry; the message lists what is."""
+class UnknownNameError(KeyError, SparsecraftError):
+    """A name that is not in a registry; the message lists what is (a KeyError and a SparsecraftError)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0])

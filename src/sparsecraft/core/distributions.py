@@ -118,7 +118,11 @@ def global_threshold(
     flat = torch.cat(unit_scores)
     target_weights = density * sum(t.numel for t in targets)
     if len(set(unit_sizes)) == 1:
-        keep = topk_mask(flat, _round_half_up(target_weights / unit_sizes[0]))
+        # Each layer's best unit ranks first, so no layer is cut and the total stays exact.
+        best = torch.tensor([int(u.argmax()) for u in unit_scores]) + torch.tensor([0, *n_units[:-1]]).cumsum(0)
+        flat = flat.clone()
+        flat[best] = float("inf")
+        keep = topk_mask(flat, max(len(targets), _round_half_up(target_weights / unit_sizes[0])))
     else:  # units of different sizes: take the best until the weight budget is met
         sizes = torch.cat([torch.full((n,), s, dtype=torch.float64) for n, s in zip(n_units, unit_sizes)])
         order = torch.sort(flat, descending=True, stable=True).indices

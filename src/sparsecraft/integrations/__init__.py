@@ -1,0 +1,1 @@
+"""Bridges to other training frameworks (imported lazily: they are optional)."""

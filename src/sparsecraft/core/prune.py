@@ -52,6 +52,13 @@ class PrunePlan:
         return table
 
 
+def selection_sparsity(model: nn.Module, selection: Selection) -> float:
+    """Fraction of the selected weights currently pruned (unmasked layers count as dense)."""
+    masks = masks_of(model)
+    kept = sum(int(masks[t.name].sum()) if t.name in masks else t.numel for t in selection)
+    return 1.0 - kept / selection.numel
+
+
 def _pattern_for(target: Target, default: Pattern, overrides: Mapping[str, str | Pattern]) -> Pattern:
     for glob, spec in overrides.items():
         if fnmatch.fnmatchcase(target.module_name, glob) or fnmatch.fnmatchcase(target.name, glob):

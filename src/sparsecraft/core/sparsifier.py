@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sparsecraft.core.masking import finalize, masks_of
+from sparsecraft.core.masking import finalize
 from sparsecraft.core.patterns import parse_pattern
-from sparsecraft.core.prune import PrunePlan, prune
+from sparsecraft.core.prune import PrunePlan, prune, selection_sparsity
 from sparsecraft.core.selection import DEFAULT_TYPES, Selection, select
 
 
@@ -74,10 +74,7 @@ class Sparsifier:
     @property
     def sparsity(self) -> float:
         """Fraction of the selected weights currently pruned."""
-        masks = masks_of(self.model)
-        total = self.selection.numel
-        kept = sum(int(masks[t.name].sum()) if t.name in masks else t.numel for t in self.selection)
-        return 1 - kept / total
+        return selection_sparsity(self.model, self.selection)
 
     def step(self) -> None:
         self.step_count += 1

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sparsecraft.core.masking import dense_gradients, masks_of
+from sparsecraft.core.masking import dense_gradients
 from sparsecraft.core.prune import PrunePlan, prune
 from sparsecraft.core.selection import DEFAULT_TYPES, Selection, select
 from sparsecraft.errors import DensityError, SparsecraftError
@@ -148,8 +148,3 @@ def synflow_prune(
     assert plan is not None
     return plan
 
-
-def pruned_fraction(model: nn.Module, selection: Selection) -> float:
-    masks = masks_of(model)
-    kept = sum(int(masks[t.name].sum()) if t.name in masks else t.numel for t in selection)
-    return 1.0 - kept / selection.numel

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecraft.analysis.report import SparsityReport, report
-from sparsecraft.core.prune import prune
+from sparsecraft.core.prune import prune, selection_sparsity
 from sparsecraft.core.selection import select
 from sparsecraft.data.images import Split
 from sparsecraft.errors import DensityError, SparsecraftError
@@ -148,6 +148,7 @@ class Run:
         total = r.train.epochs * per_epoch
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         sparsifier = None
+        selection = select(model, s.types, s.include, s.exclude, s.keep_first_dense, s.keep_last_dense)
         if s.method == "gmp":
             start_step, end_step = _steps(s.start, total), _steps(s.end, total)
             n_prunes = max(0, (end_step - start_step) // max(s.frequency, 1))
@@ -177,7 +178,7 @@ class Run:
         def on_epoch_end(epoch: int, loss: float) -> None:
             nonlocal stopped
             acc = evaluate(model, split.x_test, split.y_test)
-            sparsity = 1 - report(model, inputs=None).density
+            sparsity = selection_sparsity(model, selection)
             self._metrics(epoch=epoch + 1, loss=loss, accuracy=acc, sparsity=sparsity, lr=scheduler.get_last_lr()[0])
             self._save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

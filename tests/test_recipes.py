@@ -112,3 +112,26 @@ def test_train_cli_runs_a_recipe_and_refuses_a_bad_one(tmp_path):
     result = runner.invoke(app, ["train", "--recipe", str(bad)])
     assert result.exit_code == 2
     assert "bad.yaml:4: unknown field 'sparsity.shedule'" in " ".join(result.output.split())
+
+
+def test_user_dataset_and_model_plug_in_as_module_callable(tmp_path, monkeypatch):
+    (tmp_path / "my_task.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from sparsecraft.data import Split\n"
+        "def blobs():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(200, 8, generator=g)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    return Split(x[:160], y[:160], x[160:], y[160:])\n"
+        "def net():\n"
+        "    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = parse_recipe(
+        "model: my_task:net\ndata: my_task:blobs\ntrain: {epochs: 10, batch_size: 32, lr: 0.03}\n"
+        "sparsity: {method: gmp, sparsity: 0.5, start: 0.0, end: 0.5, frequency: 2}\n"
+    )
+    result = Run(recipe, tmp_path / "out", progress=False, log=lambda _: None).run()
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+    assert result.accuracy > 0.8

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sparsecraft.core.masking import dense_gradients
 from sparsecraft.core.prune import PrunePlan, prune
+from sparsecraft.core.scores import accumulate_gradients, taylor
 from sparsecraft.core.selection import DEFAULT_TYPES, Selection, select
 from sparsecraft.errors import DensityError, SparsecraftError
 
@@ -37,15 +38,8 @@ def random_prune(model: nn.Module, sparsity: float, distribution: str = "erk", s
 def snip_scores(model: nn.Module, selection: Selection, loss_fn: LossFn, batches: Iterable[Any]) -> dict[str, Tensor]:
     """Connection sensitivity |g * w| summed over the batches (Lee et al., "SNIP: Single-shot
     Network Pruning based on Connection Sensitivity", ICLR 2019)."""
-    model.zero_grad(set_to_none=True)
-    n = 0
-    with dense_gradients(model):
-        for batch in batches:
-            loss_fn(model, batch).backward()
-            n += 1
-    if n == 0:
-        raise SparsecraftError("SNIP needs at least one batch")
-    scores = {t.name: (t.param.grad * t.param).detach().abs() for t in selection}
+    accumulate_gradients(model, loss_fn, batches)
+    scores = {t.name: taylor(t) for t in selection}  # |w * g|: SNIP's sensitivity is the first-order Taylor term
     model.zero_grad(set_to_none=True)
     return scores
 

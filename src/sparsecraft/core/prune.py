@@ -118,7 +118,8 @@ def compute_masks(
         raise DensityError(f"N:M patterns fix each layer's density; distribution {distribution!r} cannot apply, use uniform")
 
     raw_scores = compute_scores(selection, score, seed)
-    scores = existing_masks_last(raw_scores, masks_of(model))
+    existing = masks_of(model)
+    scores = existing_masks_last(raw_scores, existing)
     layer_density: dict[str, float] = {t.name: patterns[t.name].fixed_density for t in fixed}  # type: ignore[misc]
     if free:
         dist = DISTRIBUTIONS.get(distribution)
@@ -131,7 +132,6 @@ def compute_masks(
     for name, d in layer_density.items():
         check_density(d, f"{name}: density")
 
-    existing = masks_of(model)
     masks: dict[str, Tensor] = {}
     for t in selection:
         d = layer_density[t.name]

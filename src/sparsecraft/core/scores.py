@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsecraft.core.masking import dense_gradients
 from sparsecraft.core.selection import Target
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.registry import SCORES
@@ -110,8 +111,6 @@ def accumulate_gradients(
 
     Gradients of masked weights are left dense here on purpose: gradient scores look at them.
     """
-    from sparsecraft.core.masking import dense_gradients
-
     if zero_first:
         model.zero_grad(set_to_none=True)
     n = 0

@@ -121,6 +121,15 @@ class Selection(Sequence[Target]):
         return "\n".join(lines)
 
 
+SELECTION_KEYS = ("types", "include", "exclude", "keep_first_dense", "keep_last_dense")
+
+
+def select_from_options(model: nn.Module, options: dict) -> Selection:
+    """``select`` with the selection keywords taken (popped) out of a method's ``**options``."""
+    picked = {k: options.pop(k) for k in SELECTION_KEYS if k in options}
+    return select(model, picked.pop("types", DEFAULT_TYPES), **picked)
+
+
 def select(
     model: nn.Module,
     types: Iterable[str] = DEFAULT_TYPES,

@@ -17,16 +17,10 @@ from torch import Tensor, nn
 from sparsecraft.core.masking import dense_gradients
 from sparsecraft.core.prune import PrunePlan, prune
 from sparsecraft.core.scores import accumulate_gradients, taylor
-from sparsecraft.core.selection import DEFAULT_TYPES, Selection, select
+from sparsecraft.core.selection import Selection, select_from_options
 from sparsecraft.errors import DensityError, SparsecraftError
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-
-
-def _selection(model: nn.Module, options: dict[str, Any]) -> Selection:
-    keys = ("types", "include", "exclude", "keep_first_dense", "keep_last_dense")
-    picked = {k: options.pop(k) for k in keys if k in options}
-    return select(model, picked.pop("types", DEFAULT_TYPES), **picked)
 
 
 def random_prune(model: nn.Module, sparsity: float, distribution: str = "erk", seed: int = 0, **options: Any) -> PrunePlan:
@@ -46,7 +40,7 @@ def snip_scores(model: nn.Module, selection: Selection, loss_fn: LossFn, batches
 
 def snip_prune(model: nn.Module, sparsity: float, loss_fn: LossFn, batches: Iterable[Any], **options: Any) -> PrunePlan:
     """SNIP: keep the weights with the largest connection sensitivity, one global threshold."""
-    selection = _selection(model, options)
+    selection = select_from_options(model, options)
     scores = snip_scores(model, selection, loss_fn, batches)
     options.setdefault("distribution", "global")
     return prune(model, sparsity=sparsity, score=lambda t, seed=0: scores[t.name], selection=selection, **options)
@@ -86,7 +80,7 @@ def grasp_prune(
     model: nn.Module, sparsity: float, loss_fn: LossFn, batches: Iterable[Any], temperature: float = 200.0, **options: Any
 ) -> PrunePlan:
     """GraSP: one global threshold on w * Hg (see :func:`grasp_scores`)."""
-    selection = _selection(model, options)
+    selection = select_from_options(model, options)
     scores = grasp_scores(model, selection, loss_fn, batches, temperature)
     options.setdefault("distribution", "global")
     return prune(model, sparsity=sparsity, score=lambda t, seed=0: scores[t.name], selection=selection, **options)
@@ -132,7 +126,7 @@ def synflow_prune(
         if not hasattr(model, "example_input"):
             raise SparsecraftError("SynFlow is data-free but needs input_shape= (one sample, without the batch dimension)")
         input_shape = tuple(model.example_input().shape[1:])
-    selection = _selection(model, options)
+    selection = select_from_options(model, options)
     options.setdefault("distribution", "global")
     density = 1.0 - sparsity
     plan = None

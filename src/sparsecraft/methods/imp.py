@@ -19,7 +19,7 @@ from torch import nn
 
 from sparsecraft.core.masking import enforce_masks
 from sparsecraft.core.prune import prune
-from sparsecraft.core.selection import DEFAULT_TYPES, select
+from sparsecraft.core.selection import DEFAULT_TYPES, SELECTION_KEYS, select_from_options
 from sparsecraft.errors import DensityError
 
 
@@ -90,7 +90,8 @@ def iterative_magnitude_pruning(
         raise DensityError(f"IMP needs rounds >= 1, got {rounds}")
     if total_steps is not None and rewind_step > total_steps:
         raise DensityError(f"rewind step {rewind_step} lies beyond the run ({total_steps} steps); rewind earlier")
-    selection = select(model, types, **{k: prune_options.pop(k) for k in ("include", "exclude", "keep_first_dense", "keep_last_dense") if k in prune_options})
+    selection = select_from_options(model, {**prune_options, "types": types})
+    prune_options = {k: v for k, v in prune_options.items() if k not in SELECTION_KEYS}
     optimizer, scheduler = make_optimizer(model)
     rewind: list[RewindPoint] = []
     if rewind_step == 0:

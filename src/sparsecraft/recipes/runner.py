@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecraft.analysis.report import SparsityReport, report
+from sparsecraft.core.masking import load_sparse_state_dict
 from sparsecraft.core.prune import prune, selection_sparsity
 from sparsecraft.core.selection import select
 from sparsecraft.data.images import Split
@@ -41,7 +42,7 @@ RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "sp
 class RunResult:
     accuracy: float
     sparsity: float
-    report: SparsityReport
+    report: SparsityReport | None  # None when the run was stopped early on purpose
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -138,7 +139,7 @@ class Run:
         else:
             model = self._run_single(model, split, resume, stop_after_epoch)
             if model is None:  # stopped on purpose (tests, time limits): the checkpoint holds the state
-                return RunResult(float("nan"), float("nan"), report(create(r.model, **r.model_args)), time.perf_counter() - start, self.history)
+                return RunResult(float("nan"), float("nan"), None, time.perf_counter() - start, self.history)
         return self._finish(model, split, start)
 
     def _run_single(self, model: nn.Module, split: Split, resume: bool, stop_after_epoch: int | None) -> nn.Module | None:
@@ -160,8 +161,6 @@ class Run:
         start_epoch = 0
         if resume:
             state = torch.load(self.output / "checkpoint.pt", weights_only=False)
-            from sparsecraft.core.masking import load_sparse_state_dict
-
             load_sparse_state_dict(model, state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

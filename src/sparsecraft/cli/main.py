@@ -6,6 +6,7 @@ import typer
 
 from sparsecraft.cli.demo_cmd import demo_command
 from sparsecraft.cli.list_cmd import list_command
+from sparsecraft.cli.oneshot_cmd import eval_command, sweep_command
 from sparsecraft.cli.prune_cmd import prune_command
 from sparsecraft.cli.report_cmd import report_command
 from sparsecraft.cli.train_cmd import train_command
@@ -20,6 +21,8 @@ app = typer.Typer(
 app.command("demo")(demo_command)
 app.command("prune")(prune_command)
 app.command("report")(report_command)
+app.command("eval")(eval_command)
+app.command("sweep")(sweep_command)
 app.command("train")(train_command)
 app.command("list")(list_command)
 

@@ -1,4 +1,10 @@
-"""``sparsecraft prune``: one-shot magnitude or random pruning with any pattern and distribution."""
+"""``sparsecraft prune``: one-shot pruning.
+
+Hugging Face language models (a folder, a .gguf file or a hub id) go through the layer-wise
+calibrated methods (``--method wanda|sparsegpt|magnitude|magnitude-row``, DSnoT, OWL); built-in
+models and sparsecraft checkpoints through magnitude or random scores with any pattern and
+distribution.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import typer
 
 from sparsecraft.analysis.report import report
 from sparsecraft.cli.common import console, fail, split_list
+from sparsecraft.cli.oneshot_cmd import is_language_model, llm_prune
 from sparsecraft.core.io import save_masks
 from sparsecraft.core.masking import apply_masks
 from sparsecraft.core.patterns import PATTERN_GRAMMAR
@@ -32,7 +39,7 @@ def _pairs(values: list[str], field: str) -> dict[str, str]:
 
 
 def prune_command(
-    model: Annotated[str, typer.Argument(help="built-in model name, package.module:callable, or a checkpoint")],
+    model: Annotated[str, typer.Argument(help="Hugging Face model folder / .gguf / hub id, built-in model name, package.module:callable, or a checkpoint")],
     sparsity: Annotated[Optional[float], typer.Option(help="fraction of selected weights removed, in [0, 1)")] = None,
     density: Annotated[Optional[float], typer.Option(help="fraction kept, in (0, 1] (instead of --sparsity)")] = None,
     pattern: Annotated[str, typer.Option(help=PATTERN_GRAMMAR)] = "unstructured",
@@ -51,8 +58,21 @@ def prune_command(
     masks: Annotated[Optional[Path], typer.Option(help="write the masks alone here (.safetensors)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the resulting report as JSON")] = False,
     dry_run: Annotated[bool, typer.Option(help="show the selection and the plan, change and write nothing")] = False,
+    method: Annotated[Optional[str], typer.Option(help="language models: magnitude, magnitude-row, wanda, sparsegpt")] = None,
+    dsnot: Annotated[bool, typer.Option(help="language models: refine the mask with DSnoT")] = False,
+    owl: Annotated[bool, typer.Option(help="language models: OWL per-block sparsities (unstructured)")] = False,
+    calib: Annotated[Optional[Path], typer.Option(help="language models: calibration text file")] = None,
+    nsamples: Annotated[int, typer.Option(help="language models: calibration windows")] = 128,
+    seqlen: Annotated[int, typer.Option(help="language models: tokens per calibration (and evaluation) window")] = 512,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval", help="language models: text file for perplexity before and after")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(help="language models: evaluate only the first N windows")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="language models: a one-shot job as YAML (flags given here override it)")] = None,
 ) -> None:
     """Show the selection, plan the masks, apply them, report, save. Bad input changes nothing."""
+    if method is not None or recipe is not None or is_language_model(model):
+        llm_prune(model, method, sparsity, pattern, dsnot, owl, calib, nsamples, seqlen, eval_text, eval_windows,
+                  split_list(include) or None, split_list(exclude) or None, seed, out, json_out, recipe)
+        return
     if score not in ("magnitude", "random"):
         fail(f"score {score!r} is not available from the CLI; use magnitude or random")
     try:

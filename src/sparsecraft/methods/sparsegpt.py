@@ -12,6 +12,8 @@ inside a block are applied lazily, in one matrix product per block. Computed in 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -50,7 +52,8 @@ def sparsegpt_prune(
 ) -> tuple[Tensor, Tensor]:
     """Prune W (rows x cols) given H (cols x cols); returns (new weight, bool mask of kept weights).
 
-    Unstructured: each block of columns keeps exactly round((1 - sparsity) * rows * block) weights.
+    Unstructured: the layer keeps exactly floor((1 - sparsity) * rows * cols + 1/2) weights, chosen block by
+    block (each block its share, rounded cumulatively).
     N:M (``n``, ``m`` > 0): exactly n kept in every group of m consecutive columns of each row.
     """
     rows, cols = W.shape
@@ -63,6 +66,7 @@ def sparsegpt_prune(
     W = W.detach().to(torch.float32).clone()
     W[:, dead] = 0
     keep = torch.ones_like(W, dtype=torch.bool)
+    kept_before = 0
     for b0 in range(0, cols, block_size):
         b1 = min(b0 + block_size, cols)
         W1 = W[:, b0:b1].clone()
@@ -72,7 +76,9 @@ def sparsegpt_prune(
         keep1 = torch.ones_like(W1, dtype=torch.bool)
         if not m:
             saliency = W1**2 / d.unsqueeze(0) ** 2
-            kept = round((1.0 - sparsity) * saliency.numel())
+            # cumulative rounding: the layer keeps exactly floor(d * rows * cols + 1/2) in total
+            kept = math.floor((1.0 - sparsity) * rows * b1 + 0.5) - kept_before
+            kept_before += kept
             keep1 = topk_mask(saliency.reshape(-1), kept).reshape(W1.shape)
         for i in range(b1 - b0):
             if m and i % m == 0:

@@ -26,11 +26,14 @@ class InputStats:
     """Running statistics of a layer's inputs X (tokens x features): sum, sum of squares, X^T X.
 
     Layers fed by the same tensor (q, k, v) share one object; ``add`` is then called once per batch.
-    Sums and squares are kept in float64 (variances subtract two close numbers); X^T X in float32.
+    Sums and squares are kept in float64 (variances subtract two close numbers); X^T X in float32,
+    over the first ``hessian_tokens`` tokens only when given (enough for a reconstruction error).
     """
 
-    def __init__(self, features: int, device: torch.device, hessian: bool = True) -> None:
+    def __init__(self, features: int, device: torch.device, hessian: bool = True, hessian_tokens: int | None = None) -> None:
         self.features = features
+        self.hessian_tokens = hessian_tokens
+        self.xtx_tokens = 0
         self.tokens = 0
         self.samples = 0
         self.sum = torch.zeros(features, dtype=torch.float64, device=device)
@@ -44,8 +47,9 @@ class InputStats:
         self.tokens += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.sq += x.square().sum(0, dtype=torch.float64)
-        if self.xtx is not None:
+        if self.xtx is not None and (self.hessian_tokens is None or self.xtx_tokens < self.hessian_tokens):
             self.xtx.addmm_(x.t(), x)
+            self.xtx_tokens += x.shape[0]
 
     def _need(self) -> None:
         if self.tokens == 0:

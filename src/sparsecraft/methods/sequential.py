@@ -37,6 +37,10 @@ from sparsecraft.models.hf import LinearView, block_linears, block_prefix, decod
 from sparsecraft.utils import progress_bar
 
 
+#: Calibration tokens whose X^T X gives the reconstruction error of methods that need no Hessian.
+ERROR_TOKENS = 8192
+
+
 @dataclass(frozen=True)
 class OWLConfig:
     """OWL's outlier threshold M and spread lambda (paper defaults)."""
@@ -93,7 +97,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: Tenso
 
 
 @torch.no_grad()
-def collect_input_stats(block: nn.Module, calls: Sequence[BlockCall], views: Sequence[LinearView], hessian: bool) -> dict[str, InputStats]:
+def collect_input_stats(
+    block: nn.Module, calls: Sequence[BlockCall], views: Sequence[LinearView], hessian: bool, hessian_tokens: int | None = None
+) -> dict[str, InputStats]:
     """Run ``block`` on every call with hooks; projections fed by the same tensor share statistics."""
     stats: dict[str, InputStats] = {}
     seen: dict[int, tuple[InputStats, Tensor]] = {}  # holds the tensor so its id is not reused
@@ -107,7 +113,7 @@ def collect_input_stats(block: nn.Module, calls: Sequence[BlockCall], views: Seq
                 return
             st = stats.get(view.name)
             if st is None:
-                st = stats[view.name] = InputStats(view.shape[1], x.device, hessian)
+                st = stats[view.name] = InputStats(view.shape[1], x.device, hessian, hessian_tokens)
             st.add(x)
             seen[id(x)] = (st, x)
 
@@ -241,9 +247,11 @@ def prune_decoder(
         block_sparsity = _owl_block_sparsities(blocks, calls, views_per_block, sparsity, owl, progress)
     result = OneShotResult(method, pattern_name, sparsity, dsnot is not None, owl is not None, block_sparsities=block_sparsity)
     hessian = errors or method in NEEDS_HESSIAN
+    # a reconstruction error needs far fewer tokens than SparseGPT's solve: cap X^T X for the others
+    hessian_tokens = None if method in NEEDS_HESSIAN else ERROR_TOKENS
     for i, block in enumerate(progress_bar(blocks, f"{method} {pattern_name}", enabled=progress)):
         views = views_per_block[i]
-        stats = collect_input_stats(block, calls, views, hessian) if calls else {}
+        stats = collect_input_stats(block, calls, views, hessian, hessian_tokens) if calls else {}
         pattern = LayerPattern(block_sparsity[i], n, m)
         for view in views:
             t0 = time.perf_counter()

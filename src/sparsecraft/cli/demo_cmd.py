@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import asdict
@@ -15,8 +16,10 @@ from sparsecraft.demo import (
     DemoConfig,
     TrainingStageConfig,
     demo_table,
+    language_model_table,
     plot_training_stage,
     run_demo,
+    run_language_model_stage,
     run_training_stage,
     training_table,
 )
@@ -28,9 +31,11 @@ def demo_command(
     plot: Annotated[Path, typer.Option(help="accuracy-vs-sparsity plot of the training stage (PNG)")] = Path("sparsecraft-demo.png"),
     json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    language_model: Annotated[bool, typer.Option("--lm/--no-lm", help="stage 3: Wanda on a language model")] = True,
 ) -> None:
     """Digits CNN: (1) one-shot pruning at 50/80/90% with uniform and ERK, fine-tuned;
-    (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%."""
+    (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%;
+    (3) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda."""
     progress = not quiet and console.is_terminal
     start = time.perf_counter()
     console.rule("stage 1: one-shot magnitude pruning")
@@ -43,7 +48,15 @@ def demo_command(
     console.print(training_table(trained, len(stage2.seeds)))
     plot_training_stage(trained, plot)
     console.print(f"plot written to {plot}")
+    lm = None
+    if language_model and importlib.util.find_spec("transformers") is None:
+        console.print("[yellow]stage 3 skipped: it needs transformers (pip install 'sparsecraft[hf]')[/]")
+    elif language_model:
+        console.rule("stage 3: one-shot pruning of a language model")
+        lm = run_language_model_stage(progress=progress, log=console.print)
+        console.print(language_model_table(lm))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
     if json_out is not None:
-        results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained]}
+        results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained],
+                   "language_model": asdict(lm) if lm else None}
         write_text_atomic(json_out, json.dumps(results, indent=2))

@@ -256,7 +256,10 @@ def prune_decoder(
         for view in views:
             t0 = time.perf_counter()
             W = view.weight()
-            new_W, _ = solve_layer(method, W, stats.get(view.name), pattern, dsnot)
+            try:
+                new_W, _ = solve_layer(method, W, stats.get(view.name), pattern, dsnot)
+            except SparsecraftError as e:
+                raise type(e)(f"{view.name}: {e}") from e
             if not torch.isfinite(new_W).all():
                 raise SparsecraftError(f"{view.name}: NaN or Inf in the weights after {method} pruning; nothing was saved")
             view.set_weight(new_W)

@@ -9,6 +9,7 @@ skips what is there, so the grid can be filled over several sessions.
     python benchmarks/oneshot_llm.py                       # the whole grid (hours on 2 cores)
     python benchmarks/oneshot_llm.py --settings 0.5,2:4 --variants plain --methods wanda,sparsegpt
     python benchmarks/oneshot_llm.py --table               # markdown table of what is recorded
+    touch benchmarks/results/PAUSE                         # hold the grid between jobs (rm to resume)
 
 llm-compressor lives in benchmarks/.venvs/llmcompressor (made by peers/setup_llmcompressor.sh).
 """
@@ -27,6 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 PEER_PYTHON = HERE / ".venvs" / "llmcompressor" / "bin" / "python"
+#: While this file exists the driver starts no new job (touch it before timing anything else).
+PAUSE = HERE / "results" / "PAUSE"
 
 
 def key_of(row: dict) -> str:
@@ -41,7 +44,7 @@ def worker_ours(args: argparse.Namespace) -> None:
     """Prune in this process (timed), record peak RSS, then evaluate."""
     import torch
 
-    from sparsecraft.methods.oneshot import DSnoTConfig
+    from sparsecraft.methods.oneshot import STATS_FREE, DSnoTConfig
     from sparsecraft.methods.sequential import OWLConfig, nm_from_pattern, prune_decoder
     from sparsecraft.models.hf import load_causal_lm
     from sparsecraft.utils import peak_rss_bytes
@@ -51,6 +54,8 @@ def worker_ours(args: argparse.Namespace) -> None:
     samples = torch.load(args.calib_ids)
     sparsity, pattern = setting_args(args.setting)
     n, m = nm_from_pattern(pattern)
+    if args.method in STATS_FREE and args.variant == "plain":
+        samples = None  # magnitude needs no calibration pass (no reconstruction error then)
     start = time.perf_counter()
     result = prune_decoder(model, samples, args.method, sparsity, n, m,
                            DSnoTConfig() if args.variant == "dsnot" else None,
@@ -114,17 +119,19 @@ def drive(args: argparse.Namespace) -> None:
     if args.eval_windows:
         common += ["--eval-windows", str(args.eval_windows)]
     jobs = [("dense", "dense", "plain", "0")]
-    for setting in args.settings.split(","):
-        for method in args.methods.split(","):
-            for variant in args.variants.split(","):
-                if variant == "owl" and ":" in setting:
-                    continue
-                jobs.append(("sparsecraft", method, variant, setting))
-        for method in args.peer_methods.split(","):
-            if method and PEER_PYTHON.exists():
-                jobs.append(("llmcompressor", method, "plain", setting))
+    settings, methods, variants = args.settings.split(","), args.methods.split(","), args.variants.split(",")
+    for setting in settings:  # the head-to-head with the peer first, then the DSnoT / OWL variants
+        if "plain" in variants:
+            jobs += [("sparsecraft", method, "plain", setting) for method in methods]
+        if PEER_PYTHON.exists():
+            jobs += [("llmcompressor", method, "plain", setting) for method in args.peer_methods.split(",") if method]
+    for setting in settings:
+        for variant in [v for v in variants if v != "plain" and not (v == "owl" and ":" in setting)]:
+            jobs += [("sparsecraft", method, variant, setting) for method in methods]
     base = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows, "threads": args.threads}
     for tool, method, variant, setting in jobs:
+        while PAUSE.exists():  # other work that would disturb the timings waits between jobs, not during one
+            time.sleep(5)
         row = {"tool": tool, "method": method, "variant": variant, "setting": setting, **base}
         if key_of(row) in done:
             continue

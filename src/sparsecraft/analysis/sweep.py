@@ -127,7 +127,7 @@ def run_sweep(
     from sparsecraft.analysis.perplexity import perplexity
     from sparsecraft.data.text import calibration_samples, read_text, tokenize
     from sparsecraft.data.text import eval_windows as make_windows
-    from sparsecraft.methods.oneshot import ONE_SHOT
+    from sparsecraft.methods.oneshot import ONE_SHOT, STATS_FREE
     from sparsecraft.methods.sequential import prune_decoder
     from sparsecraft.models.hf import load_causal_lm
 
@@ -147,7 +147,8 @@ def run_sweep(
                 result.points.append({"method": method, "sparsity": 0.0, "ppl": result.dense_ppl, "prune_seconds": 0.0})
                 continue
             model.load_state_dict(dense_state)
-            pruned = prune_decoder(model, samples, method, s, progress=progress, errors=False)
+            calibration = None if method in STATS_FREE else samples  # magnitude needs no forward passes
+            pruned = prune_decoder(model, calibration, method, s, progress=progress, errors=False)
             ppl = perplexity(model, windows, batch_size=1, progress=progress)
             result.points.append({"method": method, "sparsity": s, "measured_sparsity": pruned.sparsity, "ppl": ppl,
                                   "prune_seconds": pruned.seconds})

@@ -200,6 +200,24 @@ def _owl_block_sparsities(
     return owl_sparsities(ratios, sparsity, owl.lam)
 
 
+def _prune_layer(
+    view: LinearView, method: str, stats: InputStats | None, pattern: LayerPattern, dsnot: DSnoTConfig | None, errors: bool
+) -> LayerOutcome:
+    """Solve one projection, refuse NaN/Inf before writing, measure what was done."""
+    start = time.perf_counter()
+    W = view.weight()
+    try:
+        new_W, _ = solve_layer(method, W, stats, pattern, dsnot)
+    except SparsecraftError as e:
+        raise type(e)(f"{view.name}: {e}") from e
+    if not torch.isfinite(new_W).all():
+        raise SparsecraftError(f"{view.name}: NaN or Inf in the weights after {method} pruning; nothing was saved")
+    view.set_weight(new_W)
+    seconds = time.perf_counter() - start
+    error = reconstruction_error(W, new_W, stats) if errors and stats is not None else float("nan")
+    return LayerOutcome(view.name, view.shape, pattern.sparsity, _zero_fraction(view), error, seconds)
+
+
 @torch.no_grad()
 def prune_decoder(
     model: nn.Module,
@@ -218,8 +236,8 @@ def prune_decoder(
 ) -> OneShotResult:
     """Prune the projections of every decoder block of ``model`` in place, block by block.
 
-    ``samples``: (nsamples, seqlen) calibration token ids (None: magnitude without errors). N:M when ``m`` > 0 (sparsity 1 - n/m).
-    Every layer is checked against the pattern before anything changes. ``errors`` computes each
+    ``samples``: (nsamples, seqlen) calibration token ids (None: magnitude, without errors).
+    N:M when ``m`` > 0 (sparsity 1 - n/m). Every layer is checked against the pattern before anything changes. ``errors`` computes each
     layer's reconstruction error (needs X^T X per layer, which SparseGPT needs anyway).
     """
     ONE_SHOT.get(method)
@@ -250,22 +268,9 @@ def prune_decoder(
     # a reconstruction error needs far fewer tokens than SparseGPT's solve: cap X^T X for the others
     hessian_tokens = None if method in NEEDS_HESSIAN else ERROR_TOKENS
     for i, block in enumerate(progress_bar(blocks, f"{method} {pattern_name}", enabled=progress)):
-        views = views_per_block[i]
-        stats = collect_input_stats(block, calls, views, hessian, hessian_tokens) if calls else {}
+        stats = collect_input_stats(block, calls, views_per_block[i], hessian, hessian_tokens) if calls else {}
         pattern = LayerPattern(block_sparsity[i], n, m)
-        for view in views:
-            t0 = time.perf_counter()
-            W = view.weight()
-            try:
-                new_W, _ = solve_layer(method, W, stats.get(view.name), pattern, dsnot)
-            except SparsecraftError as e:
-                raise type(e)(f"{view.name}: {e}") from e
-            if not torch.isfinite(new_W).all():
-                raise SparsecraftError(f"{view.name}: NaN or Inf in the weights after {method} pruning; nothing was saved")
-            view.set_weight(new_W)
-            seconds = time.perf_counter() - t0
-            error = reconstruction_error(W, new_W, stats[view.name]) if errors else float("nan")
-            result.layers.append(LayerOutcome(view.name, view.shape, pattern.sparsity, _zero_fraction(view), error, seconds))
+        result.layers += [_prune_layer(view, method, stats.get(view.name), pattern, dsnot, errors) for view in views_per_block[i]]
         del stats
         calls = [c.with_hidden(c.run(block)) for c in calls]
         if not all(torch.isfinite(c.hidden).all() for c in calls):

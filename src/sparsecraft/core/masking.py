@@ -52,6 +52,10 @@ class _GradMasker:
         mask = module._buffers.get(self.key)
         if mask is None:
             return
+        if enforcer.keep_dense_grads:  # RigL's update step: keep the dense gradient (pruned positions too)
+            previous = enforcer.dense_grads.get(self.name)
+            # with gradient accumulation the kept positions already hold the sum; pruned ones add up here
+            enforcer.dense_grads[self.name] = grad.detach().clone() if previous is None else torch.where(mask != 0, grad, previous + grad)
         grad.mul_(mask)
         enforcer.masked_grads[self.name] = (weakref.ref(grad), grad._version)
 
@@ -62,6 +66,9 @@ class MaskEnforcer:
     def __init__(self) -> None:
         self.names: list[str] = []
         self.mask_gradients = True
+        # armed by a sparsifier for the backward before a regrowth step: the unmasked gradients
+        self.keep_dense_grads = False
+        self.dense_grads: dict[str, Tensor] = {}
         self._versions: dict[str, int] = {}
         self._hooked: dict[str, weakref.ref] = {}
         self._handles: list = []

@@ -111,3 +111,14 @@ def _after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) 
 
 register_optimizer_step_pre_hook(_before_step)
 register_optimizer_step_post_hook(_after_step)
+
+
+def reset_state_at(optimizer: torch.optim.Optimizer, param: Tensor, positions: Tensor) -> None:
+    """Zero ``optimizer``'s per-weight state of ``param`` at ``positions`` (bool, param's shape):
+    regrown weights start without the momentum or moments of their previous life."""
+    if not bool(positions.any()):
+        return
+    with torch.no_grad():
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value.masked_fill_(positions.to(value.device), 0)

@@ -45,8 +45,9 @@ class InputStats:
         self.samples += x.shape[0] if x.dim() == 3 else 1
         x = x.reshape(-1, self.features).float()
         self.tokens += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sq += x.square().sum(0, dtype=torch.float64)
+        # per-batch sums in float32 (no float64 copy of the activations), accumulated in float64
+        self.sum += x.sum(0)
+        self.sq += torch.linalg.vector_norm(x, ord=2, dim=0).square()
         if self.xtx is not None and (self.hessian_tokens is None or self.xtx_tokens < self.hessian_tokens):
             self.xtx.addmm_(x.t(), x)
             self.xtx_tokens += x.shape[0]

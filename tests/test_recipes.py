@@ -59,7 +59,7 @@ def test_toml_and_yaml_give_the_same_recipe(tmp_path):
     assert load_recipe(tmp_path / "a.toml") == load_recipe(tmp_path / "a.yaml")
 
 
-@pytest.mark.parametrize("method", ["dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf"])
+@pytest.mark.parametrize("method", ["dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl"])
 def test_every_single_run_method_reaches_its_target(tmp_path, method):
     result = Run(small(method), tmp_path, progress=False, log=lambda _: None).run()
     summary = json.loads((tmp_path / "result.json").read_text())
@@ -86,8 +86,10 @@ def test_a_schedule_that_ends_after_training_is_refused_before_training(tmp_path
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_resume_equals_an_uninterrupted_run(tmp_path):
-    recipe = small("gmp", epochs=4, distribution="erk")
+@pytest.mark.parametrize("method", ["gmp", "rigl"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, method):
+    recipe = small(method, epochs=4, distribution="erk")
+    recipe.sparsity.update_interval = 5  # rigl rewires every 5 of the 48 steps
     Run(recipe, tmp_path / "full", progress=False, log=lambda _: None).run()
     Run(recipe, tmp_path / "cut", progress=False, log=lambda _: None).run(stop_after_epoch=2)
     Run(recipe, tmp_path / "cut", progress=False, log=lambda _: None).run(resume=True)

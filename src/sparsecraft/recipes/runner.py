@@ -26,6 +26,7 @@ from sparsecraft.core.selection import select
 from sparsecraft.data.images import Split
 from sparsecraft.errors import DensityError, SparsecraftError
 from sparsecraft.methods.at_init import grasp_prune, random_prune, snip_prune, synflow_prune
+from sparsecraft.methods.dst import SET, RigL
 from sparsecraft.methods.gmp import GradualMagnitudePruning
 from sparsecraft.methods.imp import iterative_magnitude_pruning
 from sparsecraft.methods.soups import release_masks, sparse_model_soups
@@ -35,7 +36,9 @@ from sparsecraft.registry import DATASETS
 from sparsecraft.train.trainer import evaluate, fit, make_optimizer, steps_per_epoch
 from sparsecraft.utils import atomic_path, write_text_atomic
 
-RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf")
+RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl")
+#: Methods whose sparsifier sets the masks itself (no pruning at initialisation by the runner).
+OWN_MASKS = ("dense", "gmp", "set", "rigl")
 
 
 @dataclass
@@ -158,6 +161,13 @@ class Run:
                 initial_sparsity=s.initial_sparsity, start_step=max(start_step, 1), frequency=s.frequency,
                 n_prunes=n_prunes, total_steps=total, distribution=s.distribution, **_prune_options(r),
             )
+        elif s.method in ("set", "rigl"):
+            dst = SET if s.method == "set" else RigL
+            sparsifier = dst(
+                model, optimizer, sparsity=s.sparsity, total_steps=total, update_interval=s.update_interval,
+                drop_fraction=s.drop_fraction, end=s.t_end, distribution=s.distribution, seed=r.seed,
+                **({"decay": s.decay} if s.decay else {}), **_prune_options(r),
+            )
         start_epoch = 0
         if resume:
             state = torch.load(self.output / "checkpoint.pt", weights_only=False)
@@ -169,7 +179,7 @@ class Run:
             torch.set_rng_state(state["rng"])
             start_epoch = state["epoch"] + 1
             self.log(f"resumed from {self.output / 'checkpoint.pt'} at epoch {start_epoch}")
-        elif s.method not in ("dense", "gmp"):
+        elif s.method not in OWN_MASKS:
             prune_at_init(model, split, r)
 
         stopped = False

@@ -1,0 +1,251 @@
+"""N:M sparse training: the mask is recomputed from the dense weights at every forward pass.
+
+- STE (Zhou et al., "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch",
+  ICLR 2021): the forward uses W * m, the gradient reaches the dense W unchanged.
+- SR-STE (same paper): the gradient of W is g + lambda * (1 - m) * W (lambda = 2e-4), pulling
+  pruned weights towards zero so the mask settles.
+- Mask-decayed gradient flow, MDGF (Bambhaniya et al., "Progressive Gradient Flow for Robust N:M
+  Sparsity Training in Transformers", 2024): the forward uses W * (m + (1 - m) * alpha(t)) with
+  alpha(t) = max(0, 1 - c t) (linear) or exp(-c t) (exponential), t the step since the sparse phase
+  began; gradients flow through that product, so pruned weights keep learning while alpha > 0.
+  The last ``finetune`` fraction of training uses the binary mask.
+- Structure-decayed gradient flow, SDGF (same paper): the pattern itself walks towards the target
+  across equal frames of the sparse phase: ``geometric`` halves N each frame starting from (M-1):M
+  (1:8 -> 7:8, 4:8, 2:8, then 1:8 for fine-tuning), ``stepwise`` lowers N by one each frame,
+  ``custom`` is a list of (fraction of training where it starts, "N:M") ending at the target (the
+  first pattern holds from the end of the dense phase).
+
+The weights stay dense during training (a ``torch.nn.utils.parametrize`` parametrization computes
+the effective weight); :meth:`NMTraining.finalize` bakes the binary N:M mask in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sparsecraft.core.patterns import NM
+from sparsecraft.core.selection import DEFAULT_TYPES, select
+from sparsecraft.errors import PatternError, SparsecraftError
+
+METHODS = ("ste", "srste", "mask_decay")
+STRUCTURE_DECAYS = ("geometric", "stepwise")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """forward W * mask; backward g + lam * (1 - mask) * W (lam = 0: plain STE)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, mask: Tensor, lam: float) -> Tensor:
+        ctx.save_for_backward(weight, mask)
+        ctx.lam = lam
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        weight, mask = ctx.saved_tensors
+        if ctx.lam:
+            grad = grad + ctx.lam * (1 - mask) * weight
+        return grad, None, None
+
+
+class NMWeight(nn.Module):
+    """Parametrization: the effective weight of one layer under the current N:M and decay."""
+
+    def __init__(self, n: int, m: int, method: str, lam: float) -> None:
+        super().__init__()
+        self.n, self.m, self.method, self.lam = n, m, method, lam
+        self.alpha = 0.0  # mask decay: weight given to pruned positions in the forward
+        self.dense = False
+
+    def mask(self, weight: Tensor) -> Tensor:
+        return NM(self.n, self.m).mask(weight.detach().abs()).to(weight.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.dense:
+            return weight
+        mask = self.mask(weight)
+        if self.method == "mask_decay" and self.alpha > 0:
+            return weight * (mask + (1 - mask) * self.alpha)
+        return _StraightThrough.apply(weight, mask, self.lam if self.method == "srste" else 0.0)
+
+
+def _parse_nm(text: str) -> tuple[int, int]:
+    n_text, sep, m_text = str(text).partition(":")
+    try:
+        n, m = int(n_text), int(m_text)
+    except ValueError:
+        raise SparsecraftError(f"structure_decay: {text!r} is not an N:M pattern such as 2:8") from None
+    NM(n, m)
+    return n, m
+
+
+def structure_schedule(n: int, m: int, kind: str) -> list[tuple[int, int]]:
+    """The patterns SDGF walks through before the target (the target itself excluded)."""
+    if kind == "geometric":
+        patterns, k = [(m - 1, m)], m // 2
+        while k > n:
+            patterns.append((k, m))
+            k //= 2
+        return [p for p in patterns if p[0] > n]
+    if kind == "stepwise":
+        return [(k, m) for k in range(m - 1, n, -1)]
+    raise SparsecraftError(f"structure_decay={kind!r}: choose {', '.join(STRUCTURE_DECAYS)} or a custom list")
+
+
+@dataclass
+class Phase:
+    start: int  # first step (1-based) of this phase
+    n: int
+    m: int
+    dense: bool = False
+    binary: bool = False  # fine-tuning: no mask decay
+
+
+class NMTraining:
+    """Used like a sparsifier: ``step()`` after every ``optimizer.step()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        n: int,
+        m: int,
+        total_steps: int,
+        method: str = "srste",
+        lam: float = 2e-4,
+        decay: str = "linear",
+        decay_coef: float | None = None,
+        dense_fraction: float = 0.0,
+        finetune_fraction: float = 0.0,
+        structure_decay: str | Sequence[tuple[float, str]] | None = None,
+        types: Sequence[str] = DEFAULT_TYPES,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        keep_first_dense: bool = False,
+        keep_last_dense: bool = False,
+    ) -> None:
+        if method not in METHODS:
+            raise SparsecraftError(f"method={method!r}: choose one of {', '.join(METHODS)}")
+        if decay not in ("linear", "exponential"):
+            raise SparsecraftError(f"decay={decay!r}: choose linear or exponential")
+        if total_steps < 1:
+            raise SparsecraftError(f"total_steps={total_steps} must be >= 1")
+        if not (0 <= dense_fraction < 1 and 0 <= finetune_fraction < 1 and dense_fraction + finetune_fraction < 1):
+            raise SparsecraftError("dense_fraction and finetune_fraction must lie in [0, 1) and leave a sparse phase")
+        NM(n, m)  # validates 0 < n < m
+        self.model, self.optimizer = model, optimizer
+        self.n, self.m, self.method, self.lam, self.decay = n, m, method, lam, decay
+        self.total_steps = total_steps
+        self.dense_end = round(dense_fraction * total_steps)
+        self.finetune_start = total_steps - round(finetune_fraction * total_steps)
+        sparse_steps = max(1, self.finetune_start - self.dense_end)
+        # by default alpha reaches 0 at the start of fine-tuning (linear) or 1e-3 there (exponential)
+        self.decay_coef = decay_coef if decay_coef is not None else (
+            1.0 / sparse_steps if decay == "linear" else math.log(1000) / sparse_steps
+        )
+        self.phases = self._phases(structure_decay)
+        self.selection = select(model, types, include, exclude, keep_first_dense, keep_last_dense)
+        for target in self.selection:
+            for phase in self.phases:
+                NM(phase.n, phase.m).check(tuple(target.shape), target.name)
+        self.parametrizations: dict[str, NMWeight] = {}
+        for target in self.selection:
+            p = NMWeight(n, m, method, lam)
+            parametrize.register_parametrization(target.module, target.param_name, p)
+            self.parametrizations[target.name] = p
+        self.step_count = 0
+        self._apply(0)
+
+    def _phases(self, structure_decay: str | Sequence[tuple[float, str]] | None) -> list[Phase]:
+        """Dense phase, the patterns walked before the target, the target, binary fine-tuning."""
+        sparse_start, span = self.dense_end + 1, self.finetune_start - self.dense_end
+        walk: list[tuple[int, tuple[int, int]]] = []
+        target_start = sparse_start
+        if isinstance(structure_decay, str):
+            patterns = structure_schedule(self.n, self.m, structure_decay)
+            frame = span / (len(patterns) + 1)  # equal frames, the last one at the target
+            walk = [(sparse_start + round(i * frame), p) for i, p in enumerate(patterns)]
+            target_start = sparse_start + round(len(patterns) * frame)
+        elif structure_decay is not None:
+            entries = [(max(1, round(f * self.total_steps)), _parse_nm(text)) for f, text in structure_decay]
+            if not entries or entries[-1][1] != (self.n, self.m):
+                raise SparsecraftError(
+                    f"structure_decay: a custom schedule must end at the target {self.n}:{self.m}, "
+                    f"got {entries[-1][1][0]}:{entries[-1][1][1] if entries else 'nothing'}"
+                )
+            if any(b[0] <= a[0] for a, b in zip(entries, entries[1:])):
+                raise SparsecraftError("structure_decay: the fractions of a custom schedule must increase")
+            walk, target_start = entries[:-1], max(sparse_start, entries[-1][0])
+            if walk:  # the first pattern holds from the end of the dense phase
+                walk[0] = (sparse_start, walk[0][1])
+        phases = [Phase(1, self.n, self.m, dense=True)] if self.dense_end > 0 else []
+        phases += [Phase(max(step, sparse_start), n, m) for step, (n, m) in walk]
+        phases.append(Phase(target_start, self.n, self.m))
+        if self.finetune_start < self.total_steps:
+            phases.append(Phase(self.finetune_start + 1, self.n, self.m, binary=True))
+        return phases
+
+    def phase_at(self, step: int) -> Phase:
+        """The phase in force for the forward passes of training step ``step + 1``."""
+        current = self.phases[0]
+        for phase in self.phases:
+            if phase.start <= step + 1:
+                current = phase
+        return current
+
+    def alpha_at(self, step: int) -> float:
+        """Mask-decay weight of pruned positions for the forward of step ``step + 1``."""
+        phase = self.phase_at(step)
+        if self.method != "mask_decay" or phase.dense or phase.binary:
+            return 0.0
+        t = step - self.dense_end
+        return max(0.0, 1.0 - self.decay_coef * t) if self.decay == "linear" else math.exp(-self.decay_coef * t)
+
+    def _apply(self, step: int) -> None:
+        phase, alpha = self.phase_at(step), self.alpha_at(step)
+        for p in self.parametrizations.values():
+            p.n, p.m, p.dense, p.alpha = phase.n, phase.m, phase.dense, alpha
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply(self.step_count)
+
+    @property
+    def pattern(self) -> str:
+        phase = self.phase_at(self.step_count)
+        return "dense" if phase.dense else f"{phase.n}:{phase.m}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = int(state["step_count"])
+        self._apply(self.step_count)
+
+    @torch.no_grad()
+    def finalize(self) -> nn.Module:
+        """Bake the target N:M mask into the weights and remove the parametrizations."""
+        for target in self.selection:
+            p = self.parametrizations[target.name]
+            p.n, p.m, p.dense, p.alpha = self.n, self.m, False, 0.0
+            parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=True)
+        self.parametrizations.clear()
+        return self.model
+
+
+def effective_groups_valid(weight: Tensor, n: int, m: int) -> bool:
+    """Every group of m consecutive weights along the input dimension keeps at most n nonzeros."""
+    from sparsecraft.core.patterns import to_matrix
+
+    matrix = to_matrix(weight.detach())
+    if matrix.shape[1] % m:
+        raise PatternError(f"input dimension {matrix.shape[1]} is not a multiple of {m}")
+    return bool(((matrix != 0).reshape(matrix.shape[0], -1, m).sum(-1) <= n).all())

@@ -137,3 +137,17 @@ def test_user_dataset_and_model_plug_in_as_module_callable(tmp_path, monkeypatch
     result = Run(recipe, tmp_path / "out", progress=False, log=lambda _: None).run()
     assert result.sparsity == pytest.approx(0.5, abs=0.01)
     assert result.accuracy > 0.8
+
+
+@pytest.mark.parametrize("nm_method", ["srste", "mask_decay"])
+def test_nm_training_recipe_ends_with_valid_groups(tmp_path, nm_method):
+    text = SMALL.format(method="nm", epochs=2, sparsity=0.75, distribution="uniform").replace(
+        "  sparsity: 0.75\n", f"  pattern: '1:4'\n  nm_method: {nm_method}\n  structure_decay: geometric\n  finetune_fraction: 0.25\n"
+    )
+    recipe = parse_recipe(text)
+    result = Run(recipe, tmp_path, progress=False, log=lambda _: None).run()
+    assert result.sparsity == pytest.approx(0.75, abs=0.01)
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert any("parametrizations" in k for k in model)  # checkpoints hold the dense weights during training
+    with pytest.raises(RecipeError, match="needs an N:M pattern"):
+        parse_recipe(SMALL.format(method="nm", epochs=1, sparsity=0.5, distribution="uniform"))

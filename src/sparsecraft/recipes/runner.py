@@ -28,6 +28,7 @@ from sparsecraft.errors import DensityError, SparsecraftError
 from sparsecraft.methods.at_init import grasp_prune, random_prune, snip_prune, synflow_prune
 from sparsecraft.methods.dst import SET, RigL
 from sparsecraft.methods.gmp import GradualMagnitudePruning
+from sparsecraft.methods.nm_training import NMTraining
 from sparsecraft.methods.imp import iterative_magnitude_pruning
 from sparsecraft.methods.soups import release_masks, sparse_model_soups
 from sparsecraft.models import create
@@ -36,9 +37,9 @@ from sparsecraft.registry import DATASETS
 from sparsecraft.train.trainer import evaluate, fit, make_optimizer, steps_per_epoch
 from sparsecraft.utils import atomic_path, write_text_atomic
 
-RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl")
+RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl", "nm")
 #: Methods whose sparsifier sets the masks itself (no pruning at initialisation by the runner).
-OWN_MASKS = ("dense", "gmp", "set", "rigl")
+OWN_MASKS = ("dense", "gmp", "set", "rigl", "nm")
 
 
 @dataclass
@@ -168,6 +169,14 @@ class Run:
                 drop_fraction=s.drop_fraction, end=s.t_end, distribution=s.distribution, seed=r.seed,
                 **({"decay": s.decay} if s.decay else {}), **_prune_options(r),
             )
+        elif s.method == "nm":
+            n_text, _, m_text = s.pattern.partition(":")
+            sparsifier = NMTraining(
+                model, optimizer, n=int(n_text), m=int(m_text), total_steps=total, method=s.nm_method, lam=s.lam,
+                decay=s.decay or "linear", decay_coef=s.decay_coef, dense_fraction=s.dense_fraction,
+                finetune_fraction=s.finetune_fraction, structure_decay=s.structure_decay,
+                **{k: v for k, v in _prune_options(r).items() if k != "pattern"},
+            )
         start_epoch = 0
         if resume:
             state = torch.load(self.output / "checkpoint.pt", weights_only=False)
@@ -205,6 +214,8 @@ class Run:
             pass
         if stopped:
             return None
+        if isinstance(sparsifier, NMTraining):
+            sparsifier.finalize()  # the target N:M mask baked into the weights
         if s.method == "spdf":
             release_masks(model)
             self.log(f"SPDF: masks released, dense fine-tuning for {s.dense_epochs} epochs")

@@ -37,7 +37,7 @@ class RecipeError(SparsecraftError):
     """A recipe that does not validate; the message names file, line and field."""
 
 
-METHODS = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "imp", "sms", "spdf", "set", "rigl")
+METHODS = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "imp", "sms", "spdf", "set", "rigl", "nm")
 
 
 @dataclass
@@ -80,6 +80,14 @@ class SparsitySection:
     drop_fraction: float = 0.3
     t_end: Union[int, float] = 0.75
     decay: Optional[str] = None
+    # nm (pattern "N:M"): ste | srste | mask_decay, SR-STE lambda, decay coefficient, phases as
+    # fractions of training, structure decay (geometric | stepwise)
+    nm_method: str = "srste"
+    lam: float = 2e-4
+    decay_coef: Optional[float] = None
+    dense_fraction: float = 0.0
+    finetune_fraction: float = 0.0
+    structure_decay: Optional[str] = None
 
 
 @dataclass
@@ -202,6 +210,8 @@ def _check_values(recipe: Recipe, where) -> None:
     s = recipe.sparsity
     if s.method not in METHODS:
         raise RecipeError(f"{where(['sparsity', 'method'])}: sparsity.method {s.method!r} is not one of {', '.join(METHODS)}")
+    if s.method == "nm" and ":" not in s.pattern:
+        raise RecipeError(f"{where(['sparsity', 'pattern'])}: method nm needs an N:M pattern such as 2:4, got {s.pattern!r}")
     if s.method != "dense" and s.sparsity is None and ":" not in s.pattern:
         raise RecipeError(f"{where(['sparsity'])}: sparsity.sparsity is required for method {s.method!r}")
     if s.sparsity is not None and not 0.0 <= s.sparsity < 1.0:

@@ -1,0 +1,60 @@
+"""Under DistributedDataParallel (gloo, 2 processes) every rank ends with bitwise-equal masks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from sparsecraft.core.masking import masks_of
+from sparsecraft.methods.dst import SET, RigL
+from sparsecraft.methods.gmp import GradualMagnitudePruning
+
+METHODS = {"rigl": RigL, "set": SET, "gmp": GradualMagnitudePruning}
+
+
+def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same initial weights everywhere
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        if method == "gmp":
+            sparsifier = GradualMagnitudePruning(model, optimizer, final_sparsity=0.8, start_step=1, frequency=3, n_prunes=5,
+                                                 total_steps=30)
+        else:
+            sparsifier = METHODS[method](model, optimizer, sparsity=0.8, total_steps=30, update_interval=3)
+        g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+        for _ in range(30):
+            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+            loss = F.cross_entropy(ddp(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            sparsifier.step()
+        torch.save({"masks": masks_of(model), "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+def test_masks_are_identical_on_every_rank(tmp_path, method):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), method, str(tmp_path)), nprocs=2, join=True)
+    a = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    b = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert a["masks"].keys() == b["masks"].keys() and a["masks"]
+    for name in a["masks"]:
+        assert torch.equal(a["masks"][name], b["masks"][name]), name
+    for name in a["state"]:  # DDP keeps the weights equal too, and pruned weights are zero on both
+        assert torch.allclose(a["state"][name], b["state"][name], atol=1e-6), name
+    for name, mask in a["masks"].items():
+        assert bool((a["state"][name][~mask] == 0).all())

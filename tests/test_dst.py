@@ -147,3 +147,27 @@ def test_drop_and_grow_pure():
 def test_bad_settings_fail_before_training(kwargs, message):
     with pytest.raises(SparsecraftError, match=message):
         RigL(mlp(), None, sparsity=0.5, total_steps=200, **kwargs)
+
+
+@pytest.mark.parametrize("initial", [0.0, 0.5])
+def test_granet_follows_the_cubic_schedule_and_regrows_at_every_pruning_step(initial):
+    from sparsecraft.methods.dst import GraNet
+    from sparsecraft.methods.gmp import cubic_sparsity
+
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    granet = GraNet(model, optimizer, sparsity=0.9, initial_sparsity=initial, total_steps=80, update_interval=5)
+    assert granet.sparsity == pytest.approx(initial, abs=0.01)
+    for step in range(1, 81):
+        before = masks_of(model)
+        train_step(model, optimizer, step)
+        granet.step()
+        after = masks_of(model)
+        if granet.is_update_step(step):
+            expected = cubic_sparsity(step, initial, 0.9, 5, 5, granet.n_prunes)
+            assert granet.sparsity == pytest.approx(max(expected, initial), abs=0.01)
+            if step <= 40 and any(not bool(m.all()) for m in before.values()):  # room and a drop fraction that moves one
+                assert any(bool((after[k] & ~before[k]).any()) for k in after), step
+        else:
+            assert all(torch.equal(before[k], after[k]) for k in after)
+    assert granet.sparsity == pytest.approx(0.9, abs=0.005)

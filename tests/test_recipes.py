@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from sparsecraft.cli.main import app
-from sparsecraft.errors import DensityError
+from sparsecraft.errors import DensityError, SparsecraftError
 from sparsecraft.recipes import Run, RecipeError, load_recipe, parse_recipe
 
 SMALL = """
@@ -151,3 +151,13 @@ def test_nm_training_recipe_ends_with_valid_groups(tmp_path, nm_method):
     assert any("parametrizations" in k for k in model)  # checkpoints hold the dense weights during training
     with pytest.raises(RecipeError, match="needs an N:M pattern"):
         parse_recipe(SMALL.format(method="nm", epochs=1, sparsity=0.5, distribution="uniform"))
+
+
+def test_granet_recipe_reaches_its_target_and_checks_its_interval(tmp_path):
+    recipe = small("granet")
+    recipe.sparsity.update_interval = 3
+    result = Run(recipe, tmp_path / "ok", progress=False, log=lambda _: None).run()
+    assert result.sparsity == pytest.approx(0.8, abs=0.005)
+    recipe.sparsity.update_interval = 100
+    with pytest.raises(SparsecraftError, match="leaves no pruning step"):
+        Run(recipe, tmp_path / "bad", progress=False, log=lambda _: None).run()

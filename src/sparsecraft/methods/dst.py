@@ -1,4 +1,4 @@
-"""Dynamic sparse training: SET and RigL. The density of every layer stays constant; every
+"""Dynamic sparse training: SET, RigL and GraNet. The density of every layer stays constant; every
 ``update_interval`` steps each layer drops some of its kept weights and regrows as many elsewhere.
 
 - SET (Mocanu et al., "Scalable training of artificial neural networks with adaptive sparse
@@ -29,6 +29,7 @@ from sparsecraft.core.optimizers import reset_state_at
 from sparsecraft.core.patterns import topk_mask
 from sparsecraft.core.sparsifier import Sparsifier
 from sparsecraft.errors import SparsecraftError
+from sparsecraft.methods.gmp import cubic_sparsity
 
 
 def cosine_drop_fraction(step: int, alpha: float, end: int) -> float:
@@ -92,8 +93,11 @@ class DynamicSparseTraining(Sparsifier):
         self.end_step = end_step
         self.decay = decay
         self.history: list[dict[str, Any]] = []
-        self.prune_to(sparsity)
+        self._initial_masks()
         self._arm(1)
+
+    def _initial_masks(self) -> None:
+        self.prune_to(self.target_sparsity)
 
     def fraction_at(self, step: int) -> float:
         if step >= self.end_step:
@@ -186,3 +190,60 @@ class RigL(DynamicSparseTraining):
             torch.distributed.all_reduce(grad)
             grad /= torch.distributed.get_world_size()
         return grad.abs()
+
+
+class GraNet(RigL):
+    """GraNet (Liu et al., "Sparse Training via Boosting Pruning Plasticity with Neuroregeneration",
+    NeurIPS 2021): gradual magnitude pruning on the cubic schedule of Zhu & Gupta (one global
+    threshold by default), and at every pruning step a zero-cost neuroregeneration: drop the
+    smallest kept weights and regrow as many where the gradient is largest (RigL's rule, cosine
+    decaying fraction, 0.5 at first). ``initial_sparsity=0`` is the dense-to-sparse variant; above
+    0 the run starts from random masks with ``distribution`` (sparse-to-sparse)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sparsity: float,
+        total_steps: int,
+        initial_sparsity: float = 0.0,
+        drop_fraction: float = 0.5,
+        prune_distribution: str = "global",
+        **options: Any,
+    ) -> None:
+        if not 0.0 <= initial_sparsity <= sparsity < 1.0:
+            raise SparsecraftError(f"GraNet needs 0 <= initial_sparsity ({initial_sparsity}) <= sparsity ({sparsity}) < 1")
+        self.initial_sparsity = initial_sparsity
+        self.prune_distribution = prune_distribution
+        super().__init__(model, optimizer, sparsity=sparsity, total_steps=total_steps, drop_fraction=drop_fraction, **options)
+        if self.update_interval >= self.end_step and initial_sparsity < sparsity:
+            raise SparsecraftError(
+                f"GraNet: update_interval={self.update_interval} leaves no pruning step before T_end (step {self.end_step}); "
+                "use a smaller interval"
+            )
+        # pruning events at update steps interval, 2 interval, ... up to the last one before T_end
+        self.n_prunes = max(0, (self.end_step - 1) // self.update_interval - 1)
+
+    def _initial_masks(self) -> None:
+        # every selected weight gets a mask now (all ones where dense), so that the gradient hooks
+        # that keep RigL's dense gradients exist before the first pruning step masks a layer
+        present = masks_of(self.model)
+        ones = {t.name: torch.ones_like(t.param, dtype=torch.bool) for t in self.selection if t.name not in present}
+        if ones:
+            apply_masks(self.model, ones, optimizer=self.optimizer)
+        if self.initial_sparsity > 0:
+            self.prune_to(self.initial_sparsity)
+
+    def schedule(self, step: int) -> float:
+        """The cubic target sparsity at ``step`` (``sparsity`` from the last pruning step on)."""
+        return cubic_sparsity(step, self.initial_sparsity, self.target_sparsity, self.update_interval,
+                              self.update_interval, self.n_prunes)
+
+    def update(self, step: int) -> None:
+        if self.is_update_step(step):
+            target = self.schedule(step)
+            if target > self.sparsity + 1e-12:
+                self.prune_to(target, distribution=self.prune_distribution, score="magnitude")
+            self.rewire(step)
+        self._arm(step + 1)

@@ -26,7 +26,7 @@ from sparsecraft.core.selection import select
 from sparsecraft.data.images import Split
 from sparsecraft.errors import DensityError, SparsecraftError
 from sparsecraft.methods.at_init import grasp_prune, random_prune, snip_prune, synflow_prune
-from sparsecraft.methods.dst import SET, RigL
+from sparsecraft.methods.dst import SET, GraNet, RigL
 from sparsecraft.methods.gmp import GradualMagnitudePruning
 from sparsecraft.methods.nm_training import NMTraining
 from sparsecraft.methods.imp import iterative_magnitude_pruning
@@ -37,9 +37,9 @@ from sparsecraft.registry import DATASETS
 from sparsecraft.train.trainer import evaluate, fit, make_optimizer, steps_per_epoch
 from sparsecraft.utils import atomic_path, write_text_atomic
 
-RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl", "nm")
+RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl", "granet", "nm")
 #: Methods whose sparsifier sets the masks itself (no pruning at initialisation by the runner).
-OWN_MASKS = ("dense", "gmp", "set", "rigl", "nm")
+OWN_MASKS = ("dense", "gmp", "set", "rigl", "granet", "nm")
 
 
 @dataclass
@@ -162,12 +162,13 @@ class Run:
                 initial_sparsity=s.initial_sparsity, start_step=max(start_step, 1), frequency=s.frequency,
                 n_prunes=n_prunes, total_steps=total, distribution=s.distribution, **_prune_options(r),
             )
-        elif s.method in ("set", "rigl"):
-            dst = SET if s.method == "set" else RigL
+        elif s.method in ("set", "rigl", "granet"):
+            dst: Any = {"set": SET, "rigl": RigL, "granet": GraNet}[s.method]
+            extra = {"initial_sparsity": s.initial_sparsity} if s.method == "granet" else {}
             sparsifier = dst(
                 model, optimizer, sparsity=s.sparsity, total_steps=total, update_interval=s.update_interval,
                 drop_fraction=s.drop_fraction, end=s.t_end, distribution=s.distribution, seed=r.seed,
-                **({"decay": s.decay} if s.decay else {}), **_prune_options(r),
+                **({"decay": s.decay} if s.decay else {}), **extra, **_prune_options(r),
             )
         elif s.method == "nm":
             n_text, _, m_text = s.pattern.partition(":")

@@ -37,7 +37,7 @@ class RecipeError(SparsecraftError):
     """A recipe that does not validate; the message names file, line and field."""
 
 
-METHODS = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "imp", "sms", "spdf", "set", "rigl", "nm")
+METHODS = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "imp", "sms", "spdf", "set", "rigl", "granet", "nm")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class SparsitySection:
     greedy: bool = False
     # spdf: epochs of dense fine-tuning after sparse training
     dense_epochs: int = 5
-    # set / rigl: steps between rewirings, drop fraction (zeta / alpha), when rewiring stops
+    # set / rigl / granet (+ initial_sparsity): steps between rewirings, drop fraction (zeta / alpha), when rewiring stops
     # (fraction of training or step), drop-fraction decay (default: set constant, rigl cosine)
     update_interval: int = 100
     drop_fraction: float = 0.3

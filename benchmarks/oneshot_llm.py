@@ -68,11 +68,9 @@ def worker_ours(args: argparse.Namespace) -> None:
 
 
 def evaluate(model, tokenizer, args: argparse.Namespace) -> float:
-    from sparsecraft.analysis.perplexity import perplexity
-    from sparsecraft.data.text import eval_windows, read_text, tokenize
+    from sparsecraft.recipes.oneshot import evaluate_text
 
-    windows = eval_windows(tokenize(tokenizer, read_text(args.eval)), args.seqlen, args.eval_windows)
-    return perplexity(model, windows, batch_size=1)
+    return evaluate_text(model, tokenizer, args.eval, args.seqlen, args.eval_windows, progress=False)[0]
 
 
 def worker_eval(args: argparse.Namespace) -> None:

@@ -70,6 +70,11 @@ class BlockCall:
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def propagate(block: nn.Module, calls: Sequence[BlockCall]) -> list[BlockCall]:
+    """The next block's calls: each call's hidden states run through ``block``."""
+    return [c.with_hidden(c.run(block)) for c in calls]
+
+
 class _Captured(Exception):
     pass
 
@@ -196,7 +201,7 @@ def _owl_block_sparsities(
     for block, views in progress_bar(list(zip(blocks, views_per_block)), "OWL outlier ratios", enabled=progress):
         stats = collect_input_stats(block, calls, views, hessian=False)
         ratios.append(outlier_ratio([wanda_scores(v.weight(), stats[v.name].norm) for v in views], owl.M) if views else 0.0)
-        calls = [c.with_hidden(c.run(block)) for c in calls]
+        calls = propagate(block, calls)
     return owl_sparsities(ratios, sparsity, owl.lam)
 
 
@@ -272,7 +277,7 @@ def prune_decoder(
         pattern = LayerPattern(block_sparsity[i], n, m)
         result.layers += [_prune_layer(view, method, stats.get(view.name), pattern, dsnot, errors) for view in views_per_block[i]]
         del stats
-        calls = [c.with_hidden(c.run(block)) for c in calls]
+        calls = propagate(block, calls)
         if not all(torch.isfinite(c.hidden).all() for c in calls):
             raise SparsecraftError(f"block {i}: NaN or Inf in its outputs after pruning; nothing was saved")
     result.seconds = time.perf_counter() - start

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 from torch import nn
 
@@ -140,9 +139,10 @@ class OneShotOutcome:
         }
 
 
-def evaluate_text(model: nn.Module, tokenizer: Any, path: str, seqlen: int, max_windows: int | None, progress: bool) -> float:
+def evaluate_text(model: nn.Module, tokenizer: Any, path: str, seqlen: int, max_windows: int | None, progress: bool) -> tuple[float, int]:
+    """(perplexity, tokens evaluated) on the non-overlapping windows of a text file."""
     windows = eval_windows(tokenize(tokenizer, read_text(path, "eval")), seqlen, max_windows)
-    return perplexity(model, windows, batch_size=1, progress=progress)
+    return perplexity(model, windows, batch_size=1, progress=progress), windows.numel()
 
 
 def run_one_shot(
@@ -168,7 +168,7 @@ def run_one_shot(
     eval_seqlen = job.eval_seqlen or job.seqlen
     ppl_before = None
     if job.eval is not None:
-        ppl_before = evaluate_text(model, tokenizer, job.eval, eval_seqlen, job.eval_windows, progress)
+        ppl_before, _ = evaluate_text(model, tokenizer, job.eval, eval_seqlen, job.eval_windows, progress)
         say(f"perplexity before: {ppl_before:.3f}")
     start = time.perf_counter()
     dsnot = DSnoTConfig(**dataclasses.asdict(job.dsnot)) if job.dsnot is not None else None
@@ -179,7 +179,7 @@ def run_one_shot(
     peak = peak_rss_bytes()
     ppl_after = None
     if job.eval is not None:
-        ppl_after = evaluate_text(model, tokenizer, job.eval, eval_seqlen, job.eval_windows, progress)
+        ppl_after, _ = evaluate_text(model, tokenizer, job.eval, eval_seqlen, job.eval_windows, progress)
         say(f"perplexity after: {ppl_after:.3f}")
     outcome = OneShotOutcome(job, result, ppl_before, ppl_after, prune_seconds, peak, output)
     if output is not None:
@@ -194,6 +194,4 @@ def run_one_shot(
 def dense_perplexity(model_source: str, text: str, seqlen: int, max_windows: int | None, progress: bool = True) -> tuple[float, int]:
     """(perplexity, tokens evaluated) of a model folder / GGUF / hub id on a text file."""
     model, tokenizer = load_causal_lm(model_source)
-    windows = eval_windows(tokenize(tokenizer, read_text(text, "text")), seqlen, max_windows)
-    with torch.no_grad():
-        return perplexity(model, windows, batch_size=1, progress=progress), windows.numel()
+    return evaluate_text(model, tokenizer, text, seqlen, max_windows, progress)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ def drop_and_grow(weight: Tensor, mask: Tensor, n: int, grow_scores: Tensor) -> 
     return (survivors | grown).reshape(weight.shape)
 
 
-class DynamicSparseTraining(Sparsifier):
+class DynamicSparseTraining(Sparsifier, ABC):
     """Shared schedule of SET and RigL; subclasses give the regrowth scores."""
 
     def __init__(
@@ -110,8 +111,9 @@ class DynamicSparseTraining(Sparsifier):
     def _arm(self, next_step: int) -> None:
         """Hook for methods that need something from the backward before an update step."""
 
-    def grow_scores(self, name: str, weight: Tensor, step: int) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def grow_scores(self, name: str, weight: Tensor, step: int) -> Tensor:
+        """Regrowth scores of one layer (highest regrow first): random for SET, |dense gradient| for RigL."""
 
     def update(self, step: int) -> None:
         if self.is_update_step(step):

@@ -20,6 +20,7 @@ larger sparse module whose *sparse* FLOPs equal the dense layer's at sparsity s 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -36,11 +37,12 @@ def _density(sparsity: float) -> float:
     return 1.0 - sparsity
 
 
-class _SIFT(nn.Module):
+class _SIFT(nn.Module, ABC):
     """Base: remembers which sub-layers are sparse and at which density."""
 
-    def part_densities(self) -> dict[str, float]:  # relative names -> density
-        raise NotImplementedError
+    @abstractmethod
+    def part_densities(self) -> dict[str, float]:
+        """Sub-layer name (relative) -> density; 1.0 marks a dense part."""
 
 
 class SparseWide(_SIFT):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -50,12 +49,8 @@ def llm_prune(
             if sparsity is not None and ":" in pattern:
                 fail(f"--sparsity and --pattern {pattern} conflict: N:M fixes the sparsity; drop --sparsity")
         job.validate()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            outcome = run_one_shot(job, out, progress=not json_out, log=None if json_out else console.print)
-        for w in caught:
-            if "calib" in str(w.message) or "eval" in str(w.message):
-                console.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+        # warnings (e.g. overlapping calibration windows) go to stderr as usual; --json output stays clean
+        outcome = run_one_shot(job, out, progress=not json_out, log=None if json_out else console.print)
     except (SparsecraftError, UnknownNameError) as e:
         fail(str(e))
     summary = outcome.summary()

@@ -33,7 +33,8 @@ PAUSE = HERE / "results" / "PAUSE"
 
 
 def key_of(row: dict) -> str:
-    return f"{row['tool']}|{row['method']}|{row['variant']}|{row['setting']}|{row['nsamples']}x{row['seqlen']}"
+    seed = f"|seed{row['calib_seed']}" if row.get("calib_seed") else ""  # seed 0 rows predate the field
+    return f"{row['tool']}|{row['method']}|{row['variant']}|{row['setting']}|{row['nsamples']}x{row['seqlen']}{seed}"
 
 
 def setting_args(setting: str) -> tuple[float, str]:
@@ -111,7 +112,7 @@ def drive(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="oneshot-bench-"))
     _, tokenizer = load_causal_lm(model_path)
     calib_ids = work / "calib.pt"
-    torch.save(calibration_samples(tokenize(tokenizer, read_text(args.calib)), args.nsamples, args.seqlen, 0), calib_ids)
+    torch.save(calibration_samples(tokenize(tokenizer, read_text(args.calib)), args.nsamples, args.seqlen, args.calib_seed), calib_ids)
     common = ["--model", str(model_path), "--eval", args.eval, "--seqlen", str(args.seqlen), "--threads", str(args.threads),
               "--calib-ids", str(calib_ids)]
     if args.eval_windows:
@@ -127,6 +128,8 @@ def drive(args: argparse.Namespace) -> None:
         for variant in [v for v in variants if v != "plain" and not (v == "owl" and ":" in setting)]:
             jobs += [("sparsecraft", method, variant, setting) for method in methods]
     base = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows, "threads": args.threads}
+    if args.calib_seed:
+        base["calib_seed"] = args.calib_seed
     for tool, method, variant, setting in jobs:
         while PAUSE.exists():  # other work that would disturb the timings waits between jobs, not during one
             time.sleep(5)
@@ -154,6 +157,8 @@ def drive(args: argparse.Namespace) -> None:
             subprocess.run(["rm", "-rf", str(out)])
         row.update(json.loads(result.read_text()))
         row["started"] = started
+        # a 5-minute load average well above --threads means something else ran: the time is suspect
+        row["loadavg_5min"] = os.getloadavg()[1]
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -165,7 +170,7 @@ def table(args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---:|---:|---:|---:|")
     order = {"dense": 0, "sparsecraft": 1, "llmcompressor": 2}
     for r in sorted(rows, key=lambda r: (r["setting"], r["method"], order[r["tool"]], r["variant"])):
-        print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']} | "
+        print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']}{' seed ' + str(r['calib_seed']) if r.get('calib_seed') else ''} | "
               f"{r['ppl']:.2f} | {r.get('sparsity', 0):.3f} | {r.get('prune_seconds', 0):.0f} | "
               f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} |")
 
@@ -177,6 +182,7 @@ def main() -> None:
     p.add_argument("--calib", default=str(SHARED / "tinyshakespeare.txt"))
     p.add_argument("--eval", default=str(SHARED / "wikitext2-test.txt"))
     p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--calib-seed", type=int, default=0, help="seed of the random calibration windows")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64, help="first N windows of the evaluation text (0: all)")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")

@@ -29,5 +29,6 @@ def train_command(
     console.print(result.report.table(title=f"Final model: {parsed.model}, {parsed.sparsity.method}"))
     console.print(
         f"test accuracy {result.accuracy:.4f}, sparsity of the selected layers {result.sparsity:.4f}, "
-        f"{result.seconds:.1f} s; logs in {run.output}"
+        f"{result.seconds:.1f} s; training FLOPs {result.train_flops:.3g} ({result.train_flops_vs_dense:.2f}x a dense run, "
+        f"as a sparse kernel would count them); logs in {run.output}"
     )

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparsecraft.analysis.report import SparsityReport, report
+from sparsecraft.analysis.training_flops import TrainingFlops, layer_densities
 from sparsecraft.core.masking import load_sparse_state_dict
 from sparsecraft.core.prune import prune, selection_sparsity
 from sparsecraft.core.selection import select
+import sparsecraft.data  # noqa: F401  (registers the built-in datasets)
 from sparsecraft.data.images import Split
 from sparsecraft.errors import DensityError, SparsecraftError
 from sparsecraft.methods.at_init import grasp_prune, random_prune, snip_prune, synflow_prune
@@ -31,10 +32,11 @@ from sparsecraft.methods.gmp import GradualMagnitudePruning
 from sparsecraft.methods.nm_training import NMTraining
 from sparsecraft.methods.imp import iterative_magnitude_pruning
 from sparsecraft.methods.soups import release_masks, sparse_model_soups
+from sparsecraft.methods.sparse_ift import sparse_wide_model
 from sparsecraft.models import create
 from sparsecraft.recipes.schema import Recipe
 from sparsecraft.registry import DATASETS
-from sparsecraft.train.trainer import evaluate, fit, make_optimizer, steps_per_epoch
+from sparsecraft.train.trainer import evaluate, fit, make_optimizer, steps_per_epoch, task_loss
 from sparsecraft.utils import atomic_path, write_text_atomic
 
 RESUMABLE = ("dense", "static", "random", "snip", "grasp", "synflow", "gmp", "spdf", "set", "rigl", "granet", "nm")
@@ -49,6 +51,8 @@ class RunResult:
     report: SparsityReport | None  # None when the run was stopped early on purpose
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    train_flops: float = float("nan")  # see sparsecraft.analysis.training_flops
+    train_flops_vs_dense: float = float("nan")  # relative to one dense run of the recipe
 
 
 def load_data(spec: str, **kwargs: Any) -> Split:
@@ -87,16 +91,16 @@ def _calibration(split: Split, recipe: Recipe) -> list[tuple[torch.Tensor, torch
 
 def _loss(model: nn.Module, batch: Any, temperature: float = 1.0) -> torch.Tensor:
     x, y = batch
-    return F.cross_entropy(model(x) / temperature, y)
+    return task_loss(model(x) / temperature, y)
 
 
-def prune_at_init(model: nn.Module, split: Split, recipe: Recipe) -> None:
-    s, options = recipe.sparsity, _prune_options(recipe)
+def prune_at_init(model: nn.Module, split: Split, recipe: Recipe, overrides: dict[str, Any] | None = None) -> None:
+    s, options = recipe.sparsity, {**_prune_options(recipe), **(overrides or {})}
     sparsity = s.sparsity if ":" not in s.pattern else None
     if s.method in ("static", "spdf"):
-        prune(model, sparsity=sparsity, distribution=s.distribution, score="magnitude", **options)
+        prune(model, sparsity=sparsity, **{"distribution": s.distribution, **options}, score="magnitude")
     elif s.method == "random":
-        random_prune(model, sparsity, distribution=s.distribution, seed=recipe.seed, **options)  # type: ignore[arg-type]
+        random_prune(model, sparsity, **{"distribution": s.distribution, **options}, seed=recipe.seed)  # type: ignore[arg-type]
     elif s.method == "snip":
         snip_prune(model, sparsity, _loss, _calibration(split, recipe), **options)  # type: ignore[arg-type]
     elif s.method == "grasp":
@@ -114,6 +118,9 @@ class Run:
         self.progress = progress
         self.log = log
         self.history: list[dict[str, Any]] = []
+        self.flops: TrainingFlops | None = None
+        self.dense_flops_per_sample = float("nan")  # of the recipe's dense model (Sparse-IFT: before widening)
+        self.overrides: dict[str, Any] = {}  # Sparse-IFT: mapping distribution over the sparse parts
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _metrics(self, **row: Any) -> None:
@@ -126,6 +133,14 @@ class Run:
         with atomic_path(self.output / "checkpoint.pt") as tmp:
             torch.save(state, tmp)
 
+    def _account(self, model: nn.Module, sparsifier: Any, step: int, n_train: int) -> None:
+        """Training FLOPs of ``step`` (1-based), counted before the sparsifier's update for it."""
+        if self.flops is None:
+            return
+        b = self.recipe.train.batch_size
+        position = (step - 1) % steps_per_epoch(n_train, b)
+        self.flops.add_step(layer_densities(model, sparsifier), min(b, n_train - position * b))
+
     # -- the run ---------------------------------------------------------------------------
     def run(self, resume: bool = False, stop_after_epoch: int | None = None) -> RunResult:
         r = self.recipe
@@ -133,6 +148,13 @@ class Run:
         torch.manual_seed(r.seed)
         split = load_data(r.data, **r.data_args)
         model = create(r.model, **r.model_args)
+        example = split.x_train[:1]
+        self.dense_flops_per_sample = TrainingFlops.for_model(model, example).dense_flops(1)
+        if r.sparsity.sift:
+            model, densities = sparse_wide_model(r.model, r.model_args, r.sparsity.sparsity or 0.0, example)
+            self.overrides = {"distribution": "mapping", "densities": densities, "include": list(densities)}
+            self.log(f"Sparse Wide: {sum(p.numel() for p in model.parameters()):,} parameters, {len(densities)} sparse layers")
+        self.flops = TrainingFlops.for_model(model, example)  # dense FLOPs, before any mask
         if not resume and (self.output / "metrics.jsonl").exists():
             (self.output / "metrics.jsonl").unlink()
         method = r.sparsity.method
@@ -153,7 +175,7 @@ class Run:
         total = r.train.epochs * per_epoch
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
         sparsifier = None
-        selection = select(model, s.types, s.include, s.exclude, s.keep_first_dense, s.keep_last_dense)
+        selection = select(model, s.types, self.overrides.get("include", s.include), s.exclude, s.keep_first_dense, s.keep_last_dense)
         if s.method == "gmp":
             start_step, end_step = _steps(s.start, total), _steps(s.end, total)
             n_prunes = max(0, (end_step - start_step) // max(s.frequency, 1))
@@ -167,8 +189,8 @@ class Run:
             extra = {"initial_sparsity": s.initial_sparsity} if s.method == "granet" else {}
             sparsifier = dst(
                 model, optimizer, sparsity=s.sparsity, total_steps=total, update_interval=s.update_interval,
-                drop_fraction=s.drop_fraction, end=s.t_end, distribution=s.distribution, seed=r.seed,
-                **({"decay": s.decay} if s.decay else {}), **extra, **_prune_options(r),
+                drop_fraction=s.drop_fraction, end=s.t_end, seed=r.seed,
+                **({"decay": s.decay} if s.decay else {}), **extra, **{"distribution": s.distribution, **_prune_options(r), **self.overrides},
             )
         elif s.method == "nm":
             n_text, _, m_text = s.pattern.partition(":")
@@ -187,10 +209,12 @@ class Run:
             if sparsifier is not None:
                 sparsifier.load_state_dict(state["sparsifier"])
             torch.set_rng_state(state["rng"])
+            if self.flops is not None and state.get("flops"):
+                self.flops.load_state_dict(state["flops"])
             start_epoch = state["epoch"] + 1
             self.log(f"resumed from {self.output / 'checkpoint.pt'} at epoch {start_epoch}")
         elif s.method not in OWN_MASKS:
-            prune_at_init(model, split, r)
+            prune_at_init(model, split, r, self.overrides)
 
         stopped = False
 
@@ -202,14 +226,20 @@ class Run:
             self._save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sparsifier": sparsifier.state_dict() if sparsifier else None, "rng": torch.get_rng_state(), "epoch": epoch,
+                "flops": self.flops.state_dict() if self.flops else None,
             })
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 stopped = True
                 raise _Stop
 
+        def on_step(step: int) -> None:
+            self._account(model, sparsifier, step, len(split.x_train))
+            if sparsifier is not None:
+                sparsifier.step()
+
         try:
             fit(model, split.x_train, split.y_train, optimizer, r.train.epochs, r.train.batch_size, seed=r.seed,
-                on_step=(lambda _: sparsifier.step()) if sparsifier else None, progress=self.progress, description=s.method,
+                on_step=on_step, progress=self.progress, description=s.method,
                 scheduler=scheduler, start_epoch=start_epoch, on_epoch_end=on_epoch_end)
         except _Stop:
             pass
@@ -222,6 +252,7 @@ class Run:
             self.log(f"SPDF: masks released, dense fine-tuning for {s.dense_epochs} epochs")
             dense_opt = make_optimizer(model, r.train.optimizer, r.train.lr * 0.1, r.train.weight_decay)
             fit(model, split.x_train, split.y_train, dense_opt, s.dense_epochs, r.train.batch_size, seed=r.seed + 1,
+                on_step=lambda step: self._account(model, None, step, len(split.x_train)),
                 progress=self.progress, description="spdf dense")
         return model
 
@@ -236,8 +267,13 @@ class Run:
 
         if s.method == "imp":
             def train(m, opt, sched, start_step, on_step):
+                def step_hook(step: int) -> None:
+                    self._account(m, None, step, len(split.x_train))
+                    if on_step is not None:
+                        on_step(step)
+
                 fit(m, split.x_train, split.y_train, opt, r.train.epochs, r.train.batch_size, seed=r.seed,
-                    on_step=on_step, progress=self.progress, description="imp", scheduler=sched, start_epoch=start_step // per_epoch)
+                    on_step=step_hook, progress=self.progress, description="imp", scheduler=sched, start_epoch=start_step // per_epoch)
 
             if s.rewind_step % per_epoch:
                 raise DensityError(f"imp: rewind_step {s.rewind_step} must be a multiple of the {per_epoch} steps per epoch")
@@ -248,11 +284,13 @@ class Run:
 
         opt, sched = make_opt(model)  # sms: a dense model first, then prune-retrain phases of soups
         fit(model, split.x_train, split.y_train, opt, r.train.epochs, r.train.batch_size, seed=r.seed,
+            on_step=lambda step: self._account(model, None, step, len(split.x_train)),
             progress=self.progress, description="sms dense", scheduler=sched)
 
         def retrain(member: nn.Module, k: int) -> None:
             o, sc_ = make_opt(member)
             fit(member, split.x_train, split.y_train, o, r.train.epochs, r.train.batch_size, seed=r.seed + 1000 * (k + 1),
+                on_step=lambda step: self._account(member, None, step, len(split.x_train)),
                 progress=self.progress, description=f"sms member {k}", scheduler=sc_)
 
         def held_out(m: nn.Module) -> float:
@@ -268,21 +306,29 @@ class Run:
         r = self.recipe
         acc = evaluate(model, split.x_test, split.y_test)
         final = report(model, inputs=split.x_test[:1])
-        selected = {t.name for t in select(model, r.sparsity.types, r.sparsity.include, r.sparsity.exclude,
+        include = self.overrides.get("include", r.sparsity.include)
+        selected = {t.name for t in select(model, r.sparsity.types, include, r.sparsity.exclude,
                                            r.sparsity.keep_first_dense, r.sparsity.keep_last_dense)}
         rows = [row for row in final.layers if f"{row.name}.weight" in selected]
         achieved = 1 - sum(x.kept for x in rows) / max(sum(x.weights for x in rows), 1)
         target = r.sparsity.sparsity if r.sparsity.method not in ("dense", "spdf") else None
+        if "densities" in self.overrides:  # Sparse-IFT: each layer at its own iso-FLOP density
+            density = self.overrides["densities"]
+            target = 1 - sum(density[x.name] * x.weights for x in rows) / max(sum(x.weights for x in rows), 1)
         if ":" in r.sparsity.pattern and r.sparsity.method not in ("dense", "spdf"):
             n, m = (int(v) for v in r.sparsity.pattern.split(":"))
             target = 1 - n / m
         self.output.mkdir(parents=True, exist_ok=True)
+        flops = {}
+        if self.flops is not None:
+            dense_run = self.dense_flops_per_sample * r.train.epochs * len(split.x_train)
+            flops = {"train_flops": self.flops.total, "train_flops_vs_dense": self.flops.total / dense_run}
         summary = {"recipe": r.to_dict(), "accuracy": acc, "sparsity": achieved, "target_sparsity": target,
-                   "seconds": time.perf_counter() - start, "report": final.to_dict()}
+                   "seconds": time.perf_counter() - start, **flops, "report": final.to_dict()}
         write_text_atomic(self.output / "result.json", json.dumps(summary, indent=2))
         if target is not None and abs(achieved - target) > 0.01:
             raise DensityError(f"run ended at sparsity {achieved:.4f} but the recipe asked for {target:.4f}; check the schedule")
-        return RunResult(acc, achieved, final, summary["seconds"], self.history)
+        return RunResult(acc, achieved, final, summary["seconds"], self.history, **flops)
 
 
 class _Stop(Exception):

@@ -88,6 +88,12 @@ class SparsitySection:
     dense_fraction: float = 0.0
     finetune_fraction: float = 0.0
     structure_decay: Optional[str] = None
+    # Sparse-IFT: "wide" trains the Sparse Wide version of the model at the dense model's FLOPs
+    # (static, random, set, rigl); the sparse layers get the iso-FLOP densities, the rest stay dense
+    sift: Optional[str] = None
+
+
+SIFT_METHODS = ("static", "random", "set", "rigl")
 
 
 @dataclass
@@ -216,6 +222,12 @@ def _check_values(recipe: Recipe, where) -> None:
         raise RecipeError(f"{where(['sparsity'])}: sparsity.sparsity is required for method {s.method!r}")
     if s.sparsity is not None and not 0.0 <= s.sparsity < 1.0:
         raise RecipeError(f"{where(['sparsity', 'sparsity'])}: sparsity.sparsity={s.sparsity} must lie in [0, 1)")
+    if s.sift is not None:
+        if s.sift != "wide":
+            raise RecipeError(f"{where(['sparsity', 'sift'])}: sparsity.sift={s.sift!r}; the whole-model transformation is 'wide'")
+        if s.method not in SIFT_METHODS or not s.sparsity or ":" in s.pattern:
+            raise RecipeError(f"{where(['sparsity', 'sift'])}: sift needs an unstructured sparsity > 0 and a method among "
+                              f"{', '.join(SIFT_METHODS)} (got {s.method})")
     if recipe.train.epochs < 1:
         raise RecipeError(f"{where(['train', 'epochs'])}: train.epochs must be >= 1")
     if s.method == "gmp" and isinstance(s.start, float) and isinstance(s.end, float) and not 0.0 <= s.start <= s.end <= 1.0:

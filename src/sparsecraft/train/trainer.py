@@ -25,18 +25,29 @@ def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 3e-3, weigh
     return OPTIMIZERS[name](model.parameters(), lr, weight_decay)
 
 
+def task_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy for classification (logits (b, c)) or sequences (logits (b, t, c), labels
+    (b, t) with ``IGNORE`` = -100 where a position is not scored)."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return F.cross_entropy(logits, y)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy."""
+    """Top-1 accuracy (of the scored positions, for sequence labels)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
+    correct = scored = 0
     for i in range(0, len(x), batch_size):
         logits = model(x[i : i + batch_size].to(device))
-        correct += int((logits.argmax(-1).cpu() == y[i : i + batch_size]).sum())
+        labels = y[i : i + batch_size]
+        valid = labels != -100
+        correct += int(((logits.argmax(-1).cpu() == labels) & valid).sum())
+        scored += int(valid.sum())
     model.train(was_training)
-    return correct / len(x)
+    return correct / max(scored, 1)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -83,7 +94,7 @@ def fit(
             total = 0.0
             for i in range(0, len(x), batch_size):
                 idx = order[i : i + batch_size]
-                loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
+                loss = task_loss(model(x[idx].to(device)), y[idx].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

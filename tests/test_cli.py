@@ -128,3 +128,15 @@ def test_demo_training_stage_small(tmp_path):
         assert r.sparsity == pytest.approx(0.9, abs=0.005)
     plot_training_stage(rows, tmp_path / "demo.png")
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_dynamic_stage_small():
+    config = TrainingStageConfig.dynamic()
+    config.epochs = 1
+    rows = run_training_stage(config, progress=False, log=lambda _: None)
+    assert [r.method for r in rows] == ["static ERK", "SET", "RigL", "2:4 SR-STE"]
+    assert [round(r.sparsity, 2) for r in rows] == [0.9, 0.9, 0.9, 0.5]
+    flops = {r.method: r.train_flops_vs_dense for r in rows}
+    # static = SET < RigL (dense weight gradients at update steps) < SR-STE (dense weight gradient every step)
+    assert flops["static ERK"] == pytest.approx(flops["SET"], rel=1e-3)
+    assert flops["SET"] < flops["RigL"] < flops["2:4 SR-STE"] < 1.0

@@ -58,3 +58,48 @@ def test_masks_are_identical_on_every_rank(tmp_path, method):
         assert torch.allclose(a["state"][name], b["state"][name], atol=1e-6), name
     for name, mask in a["masks"].items():
         assert bool((a["state"][name][~mask] == 0).all())
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    from sparsecraft.core.prune import prune
+    from sparsecraft.errors import SparsecraftError
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+        prune(model, sparsity=0.75, distribution="uniform", score="magnitude")  # static masks, before sharding
+        masks = {k: v.clone() for k, v in masks_of(model).items()}
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        g = torch.Generator().manual_seed(100 + rank)
+        for _ in range(10):
+            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        state = {k: v.full_tensor() for k, v in model.state_dict().items() if not k.endswith("_mask")}
+        try:  # a mask change after sharding is refused with a clear message, and changes nothing
+            prune(model, sparsity=0.9, distribution="uniform", score="magnitude")
+            refused = ""
+        except SparsecraftError as e:
+            refused = str(e)
+        torch.save({"masks": masks, "state": state, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fsdp2_keeps_static_masks_and_refuses_mask_changes_after_sharding(tmp_path):
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for name, mask in out["masks"].items():
+            weight = out["state"][name]
+            assert bool((weight[~mask.bool()] == 0).all()), name  # pruned weights stayed zero through AdamW
+            assert bool((weight[mask.bool()] != 0).all()), name  # kept ones trained
+        assert "FSDP2" in out["refused"] and "before fully_shard" in out["refused"]

@@ -35,7 +35,8 @@ def demo_command(
 ) -> None:
     """Digits CNN: (1) one-shot pruning at 50/80/90% with uniform and ERK, fine-tuned;
     (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%;
-    (3) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda."""
+    (3) dynamic sparse training: static ERK vs SET vs RigL at 90%, and 2:4 with SR-STE;
+    (4) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda."""
     progress = not quiet and console.is_terminal
     start = time.perf_counter()
     console.rule("stage 1: one-shot magnitude pruning")
@@ -48,15 +49,21 @@ def demo_command(
     console.print(training_table(trained, len(stage2.seeds)))
     plot_training_stage(trained, plot)
     console.print(f"plot written to {plot}")
+    console.rule("stage 3: dynamic sparse training and N:M training")
+    stage3 = TrainingStageConfig.dynamic(full)
+    dynamic = run_training_stage(stage3, progress=progress, log=console.print)
+    console.print(training_table(
+        dynamic, len(stage3.seeds), title="sparsecraft demo: sparse-to-sparse training of the digits CNN",
+        caption="SET regrows at random, RigL where the dense gradient is largest; 2:4 keeps 2 of every 4 weights"))
     lm = None
     if language_model and importlib.util.find_spec("transformers") is None:
-        console.print("[yellow]stage 3 skipped: it needs transformers (pip install 'sparsecraft[hf]')[/]")
+        console.print("[yellow]stage 4 skipped: it needs transformers (pip install 'sparsecraft[hf]')[/]")
     elif language_model:
-        console.rule("stage 3: one-shot pruning of a language model")
+        console.rule("stage 4: one-shot pruning of a language model")
         lm = run_language_model_stage(progress=progress, log=console.print)
         console.print(language_model_table(lm))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
     if json_out is not None:
         results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained],
-                   "language_model": asdict(lm) if lm else None}
+                   "dynamic_sparse_training": [asdict(r) for r in dynamic], "language_model": asdict(lm) if lm else None}
         write_text_atomic(json_out, json.dumps(results, indent=2))

@@ -187,6 +187,9 @@ def validate_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
         except MaskMismatchError as e:
             problems.append(str(e))
             continue
+        if type(module._parameters[param_name]).__name__ == "DTensor":
+            problems.append(f"mask {name!r}: the parameter is sharded (an FSDP2 DTensor); apply masks before fully_shard()")
+            continue
         shape = tuple(module._parameters[param_name].shape)
         if tuple(mask.shape) != shape:
             problems.append(f"mask {name!r}: shape {tuple(mask.shape)} does not match the parameter's {shape}")

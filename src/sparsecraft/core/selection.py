@@ -185,4 +185,11 @@ def select(
         targets.append(Target(name, param_name, kind_of(module) or type(module).__name__, tuple(p.shape), module))
     if not targets:
         raise SelectionError("include/exclude lists leave nothing to sparsify; loosen them")
+    sharded = [t.name for t in targets if type(t.module._parameters[param_name]).__name__ == "DTensor"]
+    if sharded:
+        raise SelectionError(
+            f"{sharded[0]}{f' and {len(sharded) - 1} more' if len(sharded) > 1 else ''}: the weight is sharded (an FSDP2 "
+            "DTensor); apply masks before fully_shard() (static masks then stay in force), or use DistributedDataParallel "
+            "for methods that change masks during training (GMP, SET, RigL, GraNet, IMP)"
+        )
     return Selection(targets)

@@ -51,7 +51,7 @@ NM_VARIANTS: dict[str, dict[str, Any]] = {
     "STE": {"nm_method": "ste"},
     "SR-STE": {"nm_method": "srste"},
     "MDGF (mask decay)": {"nm_method": "mask_decay", "decay": "linear", "finetune_fraction": 0.2},
-    "SDGF (structure decay)": {"nm_method": "srste", "structure_decay": "geometric"},
+    "SDGF (structure decay)": {"nm_method": "srste", "structure_decay": "sparsify"},
 }
 
 

@@ -98,16 +98,18 @@ def test_mask_decay_uses_the_binary_mask_while_fine_tuning():
 @pytest.mark.parametrize(
     ("n", "m", "kind", "expected"),
     [
-        (1, 8, "geometric", [(7, 8), (4, 8), (2, 8)]),
-        (1, 16, "geometric", [(15, 16), (8, 16), (4, 16), (2, 16)]),
-        (2, 8, "stepwise", [(7, 8), (6, 8), (5, 8), (4, 8), (3, 8)]),
-        (2, 4, "geometric", [(3, 4)]),
+        (1, 8, "sparsify", [(7, 8), (4, 8), (2, 8)]),
+        (1, 16, "sparsify", [(15, 16), (8, 16), (4, 16), (2, 16)]),
+        (2, 4, "sparsify", [(3, 4)]),
+        (2, 8, "sparsify", [(7, 8), (4, 8)]),
+        (1, 4, "densify", [(1, 32), (1, 16), (1, 8)]),
+        (1, 4, "fine", [(8, 32), (4, 16), (2, 8)]),
     ],
 )
 def test_structure_decay_visits_the_documented_patterns_in_order(n, m, kind, expected):
     assert structure_schedule(n, m, kind) == expected
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 16))
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))  # inputs of 32: every M up to 32 fits
     training = NMTraining(model, None, n=n, m=m, total_steps=60, method="ste", structure_decay=kind, finetune_fraction=0.1)
     visited = []
     for step in range(60):
@@ -132,7 +134,7 @@ def test_custom_structure_schedule_and_dense_warmup():
         (dict(n=2, m=5), PatternError, r"0\.weight.*divisible by M=5"),
         (dict(structure_decay=[(0.3, "4:8"), (0.6, "2:8")]), SparsecraftError, "must end at the target 1:8"),
         (dict(structure_decay=[(0.6, "4:8"), (0.3, "1:8")]), SparsecraftError, "must increase"),
-        (dict(structure_decay="cubic"), SparsecraftError, "geometric, stepwise"),
+        (dict(structure_decay="cubic"), SparsecraftError, "sparsify, densify, fine"),
         (dict(method="sr-ste"), SparsecraftError, "ste, srste, mask_decay"),
         (dict(dense_fraction=0.6, finetune_fraction=0.5), SparsecraftError, "sparse phase"),
     ],

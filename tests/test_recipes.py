@@ -142,7 +142,7 @@ def test_user_dataset_and_model_plug_in_as_module_callable(tmp_path, monkeypatch
 @pytest.mark.parametrize("nm_method", ["srste", "mask_decay"])
 def test_nm_training_recipe_ends_with_valid_groups(tmp_path, nm_method):
     text = SMALL.format(method="nm", epochs=2, sparsity=0.75, distribution="uniform").replace(
-        "  sparsity: 0.75\n", f"  pattern: '1:4'\n  nm_method: {nm_method}\n  structure_decay: geometric\n  finetune_fraction: 0.25\n"
+        "  sparsity: 0.75\n", f"  pattern: '1:4'\n  nm_method: {nm_method}\n  structure_decay: sparsify\n  finetune_fraction: 0.25\n"
     )
     recipe = parse_recipe(text)
     result = Run(recipe, tmp_path, progress=False, log=lambda _: None).run()

@@ -10,10 +10,12 @@
   began; gradients flow through that product, so pruned weights keep learning while alpha > 0.
   The last ``finetune`` fraction of training uses the binary mask.
 - Structure-decayed gradient flow, SDGF (same paper): the pattern itself walks towards the target
-  across equal frames of the sparse phase: ``geometric`` halves N each frame starting from (M-1):M
-  (1:8 -> 7:8, 4:8, 2:8, then 1:8 for fine-tuning), ``stepwise`` lowers N by one each frame,
-  ``custom`` is a list of (fraction of training where it starts, "N:M") ending at the target (the
-  first pattern holds from the end of the dense phase).
+  across equal frames of the sparse phase, with the schedules of the authors' code:
+  ``sparsify`` (SDGF-Stepwise: (M-1):M, then N halving: 1:8 -> 7:8, 4:8, 2:8, 1:8), ``densify``
+  (N fixed, M growing to the target over 4 frames: 1:64, 1:32, 1:16, 1:8), ``fine`` (SDGF-Geometric:
+  the target density in ever finer groups over 4 frames: 8:64, 4:32, 2:16, 1:8), or a custom list
+  of (fraction of training where it starts, "N:M") ending at the target (the first pattern holds
+  from the end of the dense phase).
 
 The weights stay dense during training (a ``torch.nn.utils.parametrize`` parametrization computes
 the effective weight); :meth:`NMTraining.finalize` bakes the binary N:M mask in.
@@ -35,7 +37,7 @@ from sparsecraft.core.selection import DEFAULT_TYPES, select
 from sparsecraft.errors import PatternError, SparsecraftError
 
 METHODS = ("ste", "srste", "mask_decay")
-STRUCTURE_DECAYS = ("geometric", "stepwise")
+STRUCTURE_DECAYS = ("sparsify", "densify", "fine")
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -88,14 +90,14 @@ def _parse_nm(text: str) -> tuple[int, int]:
 
 def structure_schedule(n: int, m: int, kind: str) -> list[tuple[int, int]]:
     """The patterns SDGF walks through before the target (the target itself excluded)."""
-    if kind == "geometric":
-        patterns, k = [(m - 1, m)], m // 2
-        while k > n:
-            patterns.append((k, m))
-            k //= 2
-        return [p for p in patterns if p[0] > n]
-    if kind == "stepwise":
-        return [(k, m) for k in range(m - 1, n, -1)]
+    if kind == "sparsify":  # (M-1):M, M/2:M, M/4:M ... down to the target's N
+        frames = int(math.log2(m / n)) + 1
+        walk = [(m - 1 if i == 0 else m // 2**i, m) for i in range(frames)]
+        return [p for p in walk if p[0] > n][: frames - 1]
+    if kind == "densify":  # N:8M, N:4M, N:2M
+        return [(n, m * 2 ** (3 - i)) for i in range(3)]
+    if kind == "fine":  # 8N:8M, 4N:4M, 2N:2M
+        return [(n * 2 ** (3 - i), m * 2 ** (3 - i)) for i in range(3)]
     raise SparsecraftError(f"structure_decay={kind!r}: choose {', '.join(STRUCTURE_DECAYS)} or a custom list")
 
 

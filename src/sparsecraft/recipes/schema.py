@@ -81,7 +81,7 @@ class SparsitySection:
     t_end: Union[int, float] = 0.75
     decay: Optional[str] = None
     # nm (pattern "N:M"): ste | srste | mask_decay, SR-STE lambda, decay coefficient, phases as
-    # fractions of training, structure decay (geometric | stepwise)
+    # fractions of training, structure decay (sparsify | densify | fine)
     nm_method: str = "srste"
     lam: float = 2e-4
     decay_coef: Optional[float] = None

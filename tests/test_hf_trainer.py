@@ -45,3 +45,32 @@ def test_gmp_inside_the_hf_trainer_reaches_its_target(tmp_path):
         assert torch.count_nonzero(weight[~mask]) == 0, name
     assert callback.history[0][0] == 4 and 0.0 < callback.history[0][1] < 0.75  # mid-schedule at step 4
     assert callback.history[-1] == (8, 0.75)
+
+
+def test_rigl_and_nm_training_inside_the_hf_trainer(tmp_path):
+    from sparsecraft.methods.dst import RigL
+    from sparsecraft.methods.nm_training import NMTraining, effective_groups_valid
+
+    for kind in ("rigl", "nm"):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+        model = LlamaForCausalLM(config)
+        if kind == "rigl":
+            sparsifier = RigL(model, None, sparsity=0.75, total_steps=8, update_interval=2, types=["linear"], exclude=["lm_head"])
+        else:
+            sparsifier = NMTraining(model, None, n=2, m=4, total_steps=8, types=["linear"], exclude=["lm_head"])
+        args = TrainingArguments(output_dir=str(tmp_path / kind), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3,
+                                 logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+        callback = SparsifierCallback(sparsifier, finalize_at_end=True)
+        Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[callback]).train()
+        assert callback.history[-1][1] == 0.75 if kind == "rigl" else 0.5
+        if kind == "rigl":
+            assert [h["step"] for h in sparsifier.history] == [2, 4]  # updates stop at T_end = 75% = step 6
+            assert all(h["moved"] > 0 for h in sparsifier.history)  # regrowth from the dense gradients the Trainer computed
+        weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+        for w in weights:
+            if kind == "nm":
+                assert effective_groups_valid(w, 2, 4)
+            else:
+                assert int((w != 0).sum()) <= round(0.25 * w.numel())

@@ -221,6 +221,12 @@ class NMTraining:
         self._apply(self.step_count)
 
     @property
+    def sparsity(self) -> float:
+        """Fraction of the selected weights the forward pass currently drops (0 while dense)."""
+        phase = self.phase_at(self.step_count)
+        return 0.0 if phase.dense else 1.0 - phase.n / phase.m
+
+    @property
     def pattern(self) -> str:
         phase = self.phase_at(self.step_count)
         return "dense" if phase.dense else f"{phase.n}:{phase.m}"

@@ -69,8 +69,7 @@ def test_rigl_and_nm_training_inside_the_hf_trainer(tmp_path):
             assert [h["step"] for h in sparsifier.history] == [2, 4]  # updates stop at T_end = 75% = step 6
             assert all(h["moved"] > 0 for h in sparsifier.history)  # regrowth from the dense gradients the Trainer computed
         weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
-        for w in weights:
-            if kind == "nm":
-                assert effective_groups_valid(w, 2, 4)
-            else:
-                assert int((w != 0).sum()) <= round(0.25 * w.numel())
+        if kind == "nm":
+            assert all(effective_groups_valid(w, 2, 4) for w in weights)
+        else:  # ERK spreads the density unevenly over layers; the total stays at 25%
+            assert sum(int((w != 0).sum()) for w in weights) <= round(0.25 * sum(w.numel() for w in weights)) + len(weights)

@@ -14,6 +14,9 @@ Points are appended to a JSONL file as they finish; a re-run skips what is there
     python benchmarks/dynamic_sparse_training.py                    # everything (~30 min on 2 cores)
     python benchmarks/dynamic_sparse_training.py --models cnn --groups unstructured --seeds 0
     python benchmarks/dynamic_sparse_training.py --table            # markdown tables of what is recorded
+    python benchmarks/dynamic_sparse_training.py --seeds 0 --sparsities 0.9 --patterns 2:4 1:16 --sift 0.75 \
+        --results benchmarks/results/dynamic_sparse_training_timing.jsonl   # a quiet pass for wall-clock only
+    python benchmarks/dynamic_sparse_training.py --table --timing benchmarks/results/dynamic_sparse_training_timing.jsonl
 """
 
 from __future__ import annotations
@@ -90,11 +93,17 @@ def run_one(model: str, fields: dict, seed: int, epochs: int | None = None) -> d
             "train_flops_vs_dense": result.train_flops_vs_dense}
 
 
-def table(rows: list[dict]) -> None:
+def table(rows: list[dict], timing: list[dict] | None = None) -> None:
+    """Markdown tables; wall-clock ratios from ``timing`` (a quiet-machine pass) when given."""
+    timing = timing or rows
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         dense = [r for r in mine if r["label"] == "dense"]
-        dense_seconds = statistics.median(r["seconds"] for r in dense) if dense else float("nan")
+        clock: dict[tuple, list[float]] = {}
+        for r in timing:
+            if r["model"] == model:
+                clock.setdefault((r["label"], r.get("target")), []).append(r["seconds"])
+        dense_seconds = statistics.median(clock.get(("dense", None), [float("nan")]))
         print(f"\n### {model} (dense: {statistics.fmean(r['accuracy'] for r in dense):.4f}, "
               f"{dense_seconds:.1f} s per run; seeds {sorted({r['seed'] for r in mine})})\n")
         print("| group | method | setting | sparsity | accuracy | train FLOPs vs dense | wall-clock vs dense |")
@@ -105,9 +114,11 @@ def table(rows: list[dict]) -> None:
         for (group, label, target), rs in groups.items():
             accs = [r["accuracy"] for r in rs]
             std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            print(f"| {group} | {label} | {target} | {statistics.fmean(r['sparsity'] for r in rs):.3f} | "
-                  f"{statistics.fmean(accs):.4f} ± {std:.4f} | {statistics.fmean(r['train_flops_vs_dense'] for r in rs):.3f} | "
-                  f"{statistics.median(r['seconds'] for r in rs) / dense_seconds:.2f} |")
+            seconds = clock.get((label, target))
+            ratio = f"{statistics.median(seconds) / dense_seconds:.2f}" if seconds else "-"
+            print(f"| {group} | {label} | {target if target is not None else '-'} | "
+                  f"{statistics.fmean(r['sparsity'] for r in rs):.3f} | {statistics.fmean(accs):.4f} ± {std:.4f} | "
+                  f"{statistics.fmean(r['train_flops_vs_dense'] for r in rs):.3f} | {ratio} |")
 
 
 def main() -> None:
@@ -121,9 +132,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the models' epochs (smoke tests)")
     p.add_argument("--results", type=Path, default=HERE / "results" / "dynamic_sparse_training.jsonl")
     p.add_argument("--table", action="store_true")
+    p.add_argument("--timing", type=Path, default=None, help="with --table: wall-clock ratios from this (quiet) results file")
     args = p.parse_args()
     if args.table:
-        table([json.loads(line) for line in args.results.read_text().splitlines()])
+        timing = [json.loads(line) for line in args.timing.read_text().splitlines()] if args.timing else None
+        table([json.loads(line) for line in args.results.read_text().splitlines()], timing)
         return
     args.results.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["key"] for line in args.results.read_text().splitlines()} if args.results.exists() else set()

@@ -18,6 +18,18 @@ from sparsecraft.methods.gmp import GradualMagnitudePruning
 METHODS = {"rigl": RigL, "set": SET, "gmp": GradualMagnitudePruning}
 
 
+def _train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: int, after_step=None) -> None:
+    g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
+    for _ in range(steps):
+        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+
+
 def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -32,14 +44,7 @@ def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) ->
                                                  total_steps=30)
         else:
             sparsifier = METHODS[method](model, optimizer, sparsity=0.8, total_steps=30, update_interval=3)
-        g = torch.Generator().manual_seed(100 + rank)  # each rank sees different data
-        for _ in range(30):
-            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
-            loss = F.cross_entropy(ddp(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            sparsifier.step()
+        _train(ddp, optimizer, rank, 30, sparsifier.step)
         torch.save({"masks": masks_of(model), "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -75,13 +80,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         masks = {k: v.clone() for k, v in masks_of(model).items()}
         fully_shard(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        g = torch.Generator().manual_seed(100 + rank)
-        for _ in range(10):
-            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        _train(model, optimizer, rank, 10)
         state = {k: v.full_tensor() for k, v in model.state_dict().items() if not k.endswith("_mask")}
         try:  # a mask change after sharding is refused with a clear message, and changes nothing
             prune(model, sparsity=0.9, distribution="uniform", score="magnitude")

@@ -1,7 +1,8 @@
 """Sparse training II: dynamic sparse training, N:M training and Sparse-IFT, on the digits CNN and the
 tiny Transformer (sorting 8 tokens), over seeds.
 
-- unstructured at 80/90/95%: dense, static ERK, SET (ERK), RigL (uniform and ERK), GraNet (dense-to-sparse);
+- unstructured at 80/90/95%: dense, static ERK, SET (ERK), RigL (uniform and ERK), GraNet (dense-to-sparse and
+  sparse-to-sparse from 50%);
 - N:M 2:4, 1:4, 1:8, 1:16 with STE, SR-STE, mask-decayed (MDGF) and structure-decayed (SDGF) gradient flow;
 - Sparse-IFT Sparse Wide at 50/75/90% trained with RigL, against the dense model of equal FLOPs.
 
@@ -48,7 +49,8 @@ UNSTRUCTURED: dict[str, dict[str, Any]] = {
     "SET (ERK)": {"method": "set", "distribution": "erk"},
     "RigL (uniform)": {"method": "rigl", "distribution": "uniform"},
     "RigL (ERK)": {"method": "rigl", "distribution": "erk"},
-    "GraNet": {"method": "granet", "distribution": "erk"},
+    "GraNet": {"method": "granet", "distribution": "erk"},  # dense-to-sparse
+    "GraNet (from 50%)": {"method": "granet", "distribution": "erk", "initial_sparsity": 0.5},  # sparse-to-sparse
 }
 NM_VARIANTS: dict[str, dict[str, Any]] = {
     "STE": {"nm_method": "ste"},

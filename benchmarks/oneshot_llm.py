@@ -166,13 +166,14 @@ def drive(args: argparse.Namespace) -> None:
 
 def table(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
-    print("| tool | method | variant | setting | calib | ppl | sparsity | prune s | peak RSS GB |")
-    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    print("| tool | method | variant | setting | calib | ppl | sparsity | prune s | peak RSS GB | load (5 min) |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
     order = {"dense": 0, "sparsecraft": 1, "llmcompressor": 2}
     for r in sorted(rows, key=lambda r: (r["setting"], r["method"], order[r["tool"]], r["variant"])):
+        load = f"{r['loadavg_5min']:.1f}" if "loadavg_5min" in r else "-"  # well above the threads: time disturbed
         print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']}{' seed ' + str(r['calib_seed']) if r.get('calib_seed') else ''} | "
               f"{r['ppl']:.2f} | {r.get('sparsity', 0):.3f} | {r.get('prune_seconds', 0):.0f} | "
-              f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} |")
+              f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} | {load} |")
 
 
 def main() -> None:

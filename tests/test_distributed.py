@@ -1,4 +1,6 @@
-"""Under DistributedDataParallel (gloo, 2 processes) every rank ends with bitwise-equal masks."""
+"""Under DistributedDataParallel (gloo, 2 processes) every rank ends with bitwise-equal masks,
+with each rank training on different data (RigL, SET, GraNet, GMP, SNIP at initialisation, N:M
+training); FSDP2 keeps static masks and refuses mask changes on sharded weights."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsecraft.core.masking import masks_of
-from sparsecraft.methods.dst import SET, RigL
+from sparsecraft.methods.at_init import snip_prune
+from sparsecraft.methods.dst import SET, GraNet, RigL
 from sparsecraft.methods.gmp import GradualMagnitudePruning
+from sparsecraft.methods.nm_training import NMTraining
 
-METHODS = {"rigl": RigL, "set": SET, "gmp": GradualMagnitudePruning}
+METHODS = {"rigl": RigL, "set": SET, "granet": GraNet}
 
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps: int, after_step=None) -> None:
@@ -39,19 +43,32 @@ def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) ->
         model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
         ddp = nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.Adam(ddp.parameters(), lr=1e-2)
+        step = None
         if method == "gmp":
-            sparsifier = GradualMagnitudePruning(model, optimizer, final_sparsity=0.8, start_step=1, frequency=3, n_prunes=5,
-                                                 total_steps=30)
+            step = GradualMagnitudePruning(model, optimizer, final_sparsity=0.8, start_step=1, frequency=3, n_prunes=5,
+                                           total_steps=30).step
+        elif method == "snip":  # each rank scores on its own batches: the scores must still agree
+            g = torch.Generator().manual_seed(7 + rank)
+            batches = [(torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+            snip_prune(model, 0.8, lambda m, b: F.cross_entropy(m(b[0]), b[1]), batches, optimizer=optimizer)
+        elif method == "nm":
+            nm = NMTraining(model, optimizer, n=1, m=4, total_steps=30, method="srste")
+            step = nm.step
         else:
-            sparsifier = METHODS[method](model, optimizer, sparsity=0.8, total_steps=30, update_interval=3)
-        _train(ddp, optimizer, rank, 30, sparsifier.step)
-        torch.save({"masks": masks_of(model), "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+            step = METHODS[method](model, optimizer, sparsity=0.8, total_steps=30, update_interval=3).step
+        _train(ddp, optimizer, rank, 30, step)
+        if method == "nm":
+            nm.finalize()
+            masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight")}
+        else:
+            masks = masks_of(model)
+        torch.save({"masks": masks, "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("method", ["rigl", "set", "gmp"])
+@pytest.mark.parametrize("method", ["rigl", "set", "granet", "gmp", "snip", "nm"])
 def test_masks_are_identical_on_every_rank(tmp_path, method):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), method, str(tmp_path)), nprocs=2, join=True)
     a = torch.load(tmp_path / "rank0.pt", weights_only=False)

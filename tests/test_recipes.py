@@ -161,3 +161,15 @@ def test_granet_recipe_reaches_its_target_and_checks_its_interval(tmp_path):
     recipe.sparsity.update_interval = 100
     with pytest.raises(SparsecraftError, match="leaves no pruning step"):
         Run(recipe, tmp_path / "bad", progress=False, log=lambda _: None).run()
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    from sparsecraft.recipes import load_recipe
+
+    shipped = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert len(shipped) >= 4
+    for path in shipped:
+        recipe = load_recipe(path)
+        assert recipe.output and recipe.sparsity.method != "dense", path

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from sparsecraft.core.masking import dense_gradients
 from sparsecraft.core.prune import PrunePlan, prune
+from sparsecraft.core.distributed import sum_over_ranks
 from sparsecraft.core.scores import accumulate_gradients, taylor
 from sparsecraft.core.selection import Selection, select_from_options
 from sparsecraft.errors import DensityError, SparsecraftError
@@ -33,6 +34,7 @@ def snip_scores(model: nn.Module, selection: Selection, loss_fn: LossFn, batches
     """Connection sensitivity |g * w| summed over the batches (Lee et al., "SNIP: Single-shot
     Network Pruning based on Connection Sensitivity", ICLR 2019)."""
     accumulate_gradients(model, loss_fn, batches)
+    sum_over_ranks(t.param.grad for t in selection if t.param.grad is not None)  # DDP: the gradient of all ranks' data
     scores = {t.name: taylor(t) for t in selection}  # |w * g|: SNIP's sensitivity is the first-order Taylor term
     model.zero_grad(set_to_none=True)
     return scores
@@ -67,12 +69,14 @@ def grasp_scores(
             grads = torch.autograd.grad(loss_fn(model, batch, temperature), params)
             for acc, gr in zip(g, grads):
                 acc += gr.detach()
+        sum_over_ranks(g)  # DDP: g and H g over every rank's batches (H is a sum over the data), the same on all ranks
         hg = [torch.zeros_like(p) for p in params]
         for batch in batches:
             grads = torch.autograd.grad(loss_fn(model, batch, temperature), params, create_graph=True)
             z = sum((gr * gd).sum() for gr, gd in zip(grads, g))
             for acc, h in zip(hg, torch.autograd.grad(z, params)):
                 acc += h.detach()
+        sum_over_ranks(hg)
     return {t.name: (t.param.detach() * h) for t, h in zip(selection, hg)}
 
 

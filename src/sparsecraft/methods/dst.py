@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sparsecraft.core.distributed import mean_over_ranks
 from sparsecraft.core.masking import apply_masks, find_enforcer, iter_masked, masks_of, patterns_of
 from sparsecraft.core.optimizers import reset_state_at
 from sparsecraft.core.patterns import topk_mask
@@ -188,9 +189,7 @@ class RigL(DynamicSparseTraining):
                 f"RigL: no dense gradient for {name} at step {step}; call sparsifier.step() after every optimizer.step() "
                 "(the backward before an update step keeps the dense gradient)"
             )
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(grad)
-            grad /= torch.distributed.get_world_size()
+        mean_over_ranks([grad])  # DDP: regrow from the gradient of every rank's data, identically everywhere
         return grad.abs()
 
 

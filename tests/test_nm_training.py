@@ -43,7 +43,7 @@ def test_every_group_is_valid_after_every_step(method, n, m):
             assert effective_groups_valid(layer.weight, n, m)  # the weight the forward uses
 
     run(model, training, optimizer, 12, check)
-    dense = model[3].parametrizations.weight.original
+    dense = model[3].weight_dense
     assert float((dense == 0).float().mean()) < 0.1  # the dense weights keep learning underneath
     training.finalize()
     for layer in layers:
@@ -61,7 +61,7 @@ def test_srste_gradient_equals_the_formula():
     mask = NM(2, 4).mask(W.abs()).float()
     g = torch.ones(5, 4).T @ x  # d(sum(x (W*mask)^T))/d(W*mask)
     expected = g + 0.01 * (1 - mask) * W
-    assert torch.allclose(layer.parametrizations.weight.original.grad, expected, atol=1e-6)
+    assert torch.allclose(layer.weight_dense.grad, expected, atol=1e-6)
 
 
 def test_plain_ste_passes_the_gradient_to_every_weight():
@@ -70,7 +70,7 @@ def test_plain_ste_passes_the_gradient_to_every_weight():
     NMTraining(layer, None, n=1, m=4, total_steps=10, method="ste")
     x = torch.randn(5, 8)
     layer(x).sum().backward()
-    assert torch.allclose(layer.parametrizations.weight.original.grad, torch.ones(5, 4).T @ x, atol=1e-6)
+    assert torch.allclose(layer.weight_dense.grad, torch.ones(5, 4).T @ x, atol=1e-6)
 
 
 @pytest.mark.parametrize(("decay", "t", "alpha"), [("linear", 0, 1.0), ("linear", 25, 0.75), ("linear", 150, 0.0),
@@ -144,7 +144,7 @@ def test_bad_settings_fail_before_training(kwargs, error, message):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(error, match=message):
         NMTraining(model, None, **{"n": 1, "m": 8, "total_steps": 50, **kwargs})
-    assert not any(hasattr(layer, "parametrizations") for layer in model)
+    assert not any(hasattr(layer, "weight_dense") for layer in model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -153,7 +153,24 @@ def test_an_optimizer_made_before_keeps_training_the_dense_weights():
     param = model[3].weight
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     training = NMTraining(model, optimizer, n=2, m=4, total_steps=5)
-    assert model[3].parametrizations.weight.original is param
+    assert model[3].weight_dense is param
     before = param.detach().clone()
     run(model, training, optimizer, 2)
     assert not torch.equal(before, param.detach())
+
+
+def test_a_deep_copy_computes_its_own_effective_weights():
+    import copy
+
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    training = NMTraining(model, optimizer, n=2, m=4, total_steps=6)
+    run(model, training, optimizer, 2)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone[5].weight_dense.mul_(-3.0)  # change the copy's dense weights only
+    x = torch.randn(2, 8, 6, 6)
+    before = model(x)
+    clone(x)
+    assert torch.equal(model(x), before)  # the copy's hooks do not touch the original
+    assert torch.allclose(clone[5].weight, -3.0 * model[5].weight)

@@ -17,8 +17,9 @@
   of (fraction of training where it starts, "N:M") ending at the target (the first pattern holds
   from the end of the dense phase).
 
-The weights stay dense during training (a ``torch.nn.utils.parametrize`` parametrization computes
-the effective weight); :meth:`NMTraining.finalize` bakes the binary N:M mask in.
+The weights stay dense during training: each layer's Parameter lives on as ``<name>_dense`` and a
+forward pre-hook sets ``<name>`` to the effective weight; :meth:`NMTraining.finalize` bakes the
+binary N:M mask in and gives the Parameter its name back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.utils.hooks import RemovableHandle
 
 from sparsecraft.core.patterns import NM
 from sparsecraft.core.selection import DEFAULT_TYPES, select
@@ -76,6 +77,69 @@ class NMWeight(nn.Module):
         if self.method == "mask_decay" and self.alpha > 0:
             return weight * (mask + (1 - mask) * self.alpha)
         return _StraightThrough.apply(weight, mask, self.lam if self.method == "srste" else 0.0)
+
+
+DENSE_SUFFIX = "_dense"
+
+
+class _SetEffectiveWeight:
+    """Forward pre-hook: ``module.<name> = weight_fn(module.<name>_dense)``.
+
+    It reads everything from the module it is called with, so a deep copy of the model (whose hooks
+    are deep-copied with it) computes its own weights, not the original's.
+    """
+
+    def __init__(self, name: str, weight_fn: NMWeight) -> None:
+        self.name, self.weight_fn = name, weight_fn
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        setattr(module, self.name, self.weight_fn(getattr(module, self.name + DENSE_SUFFIX)))
+
+
+class _DetachEffectiveWeight:
+    """Forward hook: the attribute is detached after the forward, so the module deep-copies and pickles."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        setattr(module, self.name, getattr(module, self.name).detach())
+
+
+class _Reparametrized:
+    """One layer's dense Parameter kept as ``<name>_dense``; ``<name>`` is recomputed before each forward.
+
+    Unlike ``torch.nn.utils.parametrize`` this never calls ``set_`` on the Parameter: ``set_`` gives
+    it a new gradient accumulator, which silently detaches a DistributedDataParallel that already
+    wraps the model (its hooks sit on the old one). The Parameter object, and so every optimizer and
+    DDP reference to it, stays the same.
+    """
+
+    def __init__(self, module: nn.Module, name: str, weight_fn: NMWeight) -> None:
+        self.module, self.name, self.weight_fn = module, name, weight_fn
+        self.param = module._parameters.pop(name)
+        module.register_parameter(name + DENSE_SUFFIX, self.param)
+        self.refresh()
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_pre_hook(_SetEffectiveWeight(name, weight_fn)),
+            module.register_forward_hook(_DetachEffectiveWeight(name)),
+        ]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the effective weight outside a forward (after an optimizer step or a schedule change)."""
+        setattr(self.module, self.name, self.weight_fn(self.param))
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Bake the current effective weight into the Parameter and give it its name back."""
+        effective = self.weight_fn(self.param)
+        for handle in self._handles:
+            handle.remove()
+        delattr(self.module, self.name)
+        del self.module._parameters[self.name + DENSE_SUFFIX]
+        self.param.copy_(effective)
+        self.module.register_parameter(self.name, self.param)
 
 
 def _parse_nm(text: str) -> tuple[int, int]:
@@ -159,9 +223,10 @@ class NMTraining:
             for phase in self.phases:
                 NM(phase.n, phase.m).check(tuple(target.shape), target.name)
         self.parametrizations: dict[str, NMWeight] = {}
+        self._layers: dict[str, _Reparametrized] = {}
         for target in self.selection:
             p = NMWeight(n, m, method, lam)
-            parametrize.register_parametrization(target.module, target.param_name, p)
+            self._layers[target.name] = _Reparametrized(target.module, target.param_name, p)
             self.parametrizations[target.name] = p
         self.step_count = 0
         self._apply(0)
@@ -215,6 +280,8 @@ class NMTraining:
         phase, alpha = self.phase_at(step), self.alpha_at(step)
         for p in self.parametrizations.values():
             p.n, p.m, p.dense, p.alpha = phase.n, phase.m, phase.dense, alpha
+        for layer in self._layers.values():  # what model.<layer>.weight shows between steps
+            layer.refresh()
 
     def step(self) -> None:
         self.step_count += 1
@@ -240,12 +307,13 @@ class NMTraining:
 
     @torch.no_grad()
     def finalize(self) -> nn.Module:
-        """Bake the target N:M mask into the weights and remove the parametrizations."""
-        for target in self.selection:
-            p = self.parametrizations[target.name]
+        """Bake the target N:M mask into the weights; each layer's Parameter gets its name back."""
+        for name, layer in self._layers.items():
+            p = self.parametrizations[name]
             p.n, p.m, p.dense, p.alpha = self.n, self.m, False, 0.0
-            parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=True)
+            layer.remove()
         self.parametrizations.clear()
+        self._layers.clear()
         return self.model
 
 

@@ -30,11 +30,13 @@ SHARED = HERE.parent.parent / "shared" / "data"
 PEER_PYTHON = HERE / ".venvs" / "llmcompressor" / "bin" / "python"
 #: While this file exists the driver starts no new job (touch it before timing anything else).
 PAUSE = HERE / "results" / "PAUSE"
+DEFAULT_CALIB_BATCH = 8
 
 
 def key_of(row: dict) -> str:
     seed = f"|seed{row['calib_seed']}" if row.get("calib_seed") else ""  # seed 0 rows predate the field
-    return f"{row['tool']}|{row['method']}|{row['variant']}|{row['setting']}|{row['nsamples']}x{row['seqlen']}{seed}"
+    batch = f"|batch{row['calib_batch']}" if row.get("calib_batch") else ""  # rows without it used batch 8
+    return f"{row['tool']}|{row['method']}|{row['variant']}|{row['setting']}|{row['nsamples']}x{row['seqlen']}{seed}{batch}"
 
 
 def setting_args(setting: str) -> tuple[float, str]:
@@ -60,7 +62,7 @@ def worker_ours(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     result = prune_decoder(model, samples, args.method, sparsity, n, m,
                            DSnoTConfig() if args.variant == "dsnot" else None,
-                           OWLConfig() if args.variant == "owl" else None, progress=False)
+                           OWLConfig() if args.variant == "owl" else None, batch_size=args.calib_batch, progress=False)
     seconds = time.perf_counter() - start
     row = {"prune_seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "sparsity": result.sparsity,
            "mean_reconstruction_error": result.mean_error}
@@ -114,7 +116,7 @@ def drive(args: argparse.Namespace) -> None:
     calib_ids = work / "calib.pt"
     torch.save(calibration_samples(tokenize(tokenizer, read_text(args.calib)), args.nsamples, args.seqlen, args.calib_seed), calib_ids)
     common = ["--model", str(model_path), "--eval", args.eval, "--seqlen", str(args.seqlen), "--threads", str(args.threads),
-              "--calib-ids", str(calib_ids)]
+              "--calib-ids", str(calib_ids), "--calib-batch", str(args.calib_batch)]
     if args.eval_windows:
         common += ["--eval-windows", str(args.eval_windows)]
     jobs = [("dense", "dense", "plain", "0")]
@@ -130,10 +132,14 @@ def drive(args: argparse.Namespace) -> None:
     base = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows, "threads": args.threads}
     if args.calib_seed:
         base["calib_seed"] = args.calib_seed
+    if args.calib_batch != DEFAULT_CALIB_BATCH:  # same algorithm, another summation order: a noise floor
+        base["calib_batch"] = args.calib_batch
     for tool, method, variant, setting in jobs:
         while PAUSE.exists():  # other work that would disturb the timings waits between jobs, not during one
             time.sleep(5)
         row = {"tool": tool, "method": method, "variant": variant, "setting": setting, **base}
+        if tool != "sparsecraft":
+            row.pop("calib_batch", None)  # only our engine batches calibration
         if key_of(row) in done:
             continue
         result = work / "result.json"
@@ -171,7 +177,7 @@ def table(args: argparse.Namespace) -> None:
     order = {"dense": 0, "sparsecraft": 1, "llmcompressor": 2}
     for r in sorted(rows, key=lambda r: (r["setting"], r["method"], order[r["tool"]], r["variant"])):
         load = f"{r['loadavg_5min']:.1f}" if "loadavg_5min" in r else "-"  # well above the threads: time disturbed
-        print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']}{' seed ' + str(r['calib_seed']) if r.get('calib_seed') else ''} | "
+        print(f"| {r['tool']} | {r['method']} | {r['variant']} | {r['setting']} | {r['nsamples']}x{r['seqlen']}{' seed ' + str(r['calib_seed']) if r.get('calib_seed') else ''}{' batch ' + str(r['calib_batch']) if r.get('calib_batch') else ''} | "
               f"{r['ppl']:.2f} | {r.get('sparsity', 0):.3f} | {r.get('prune_seconds', 0):.0f} | "
               f"{r.get('peak_rss_bytes', 0) / 1e9:.2f} | {load} |")
 
@@ -184,6 +190,8 @@ def main() -> None:
     p.add_argument("--eval", default=str(SHARED / "wikitext2-test.txt"))
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seed", type=int, default=0, help="seed of the random calibration windows")
+    p.add_argument("--calib-batch", type=int, default=DEFAULT_CALIB_BATCH,
+                   help="calibration samples per forward in our engine (changes only the floating-point summation order)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64, help="first N windows of the evaluation text (0: all)")
     p.add_argument("--methods", default="magnitude,wanda,sparsegpt")

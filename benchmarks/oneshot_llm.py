@@ -132,14 +132,12 @@ def drive(args: argparse.Namespace) -> None:
     base = {"nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows, "threads": args.threads}
     if args.calib_seed:
         base["calib_seed"] = args.calib_seed
-    if args.calib_batch != DEFAULT_CALIB_BATCH:  # same algorithm, another summation order: a noise floor
-        base["calib_batch"] = args.calib_batch
     for tool, method, variant, setting in jobs:
         while PAUSE.exists():  # other work that would disturb the timings waits between jobs, not during one
             time.sleep(5)
         row = {"tool": tool, "method": method, "variant": variant, "setting": setting, **base}
-        if tool != "sparsecraft":
-            row.pop("calib_batch", None)  # only our engine batches calibration
+        if tool == "sparsecraft" and args.calib_batch != DEFAULT_CALIB_BATCH:
+            row["calib_batch"] = args.calib_batch  # same algorithm, another summation order: a noise floor
         if key_of(row) in done:
             continue
         result = work / "result.json"

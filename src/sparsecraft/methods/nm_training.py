@@ -222,12 +222,9 @@ class NMTraining:
         for target in self.selection:
             for phase in self.phases:
                 NM(phase.n, phase.m).check(tuple(target.shape), target.name)
-        self.parametrizations: dict[str, NMWeight] = {}
-        self._layers: dict[str, _Reparametrized] = {}
-        for target in self.selection:
-            p = NMWeight(n, m, method, lam)
-            self._layers[target.name] = _Reparametrized(target.module, target.param_name, p)
-            self.parametrizations[target.name] = p
+        self._layers = {
+            t.name: _Reparametrized(t.module, t.param_name, NMWeight(n, m, method, lam)) for t in self.selection
+        }
         self.step_count = 0
         self._apply(0)
 
@@ -276,12 +273,17 @@ class NMTraining:
         t = step - self.dense_end
         return max(0.0, 1.0 - self.decay_coef * t) if self.decay == "linear" else math.exp(-self.decay_coef * t)
 
+    @property
+    def parametrizations(self) -> dict[str, NMWeight]:
+        """The effective-weight function of each layer still in training, by parameter name."""
+        return {name: layer.weight_fn for name, layer in self._layers.items()}
+
     def _apply(self, step: int) -> None:
         phase, alpha = self.phase_at(step), self.alpha_at(step)
-        for p in self.parametrizations.values():
+        for layer in self._layers.values():
+            p = layer.weight_fn
             p.n, p.m, p.dense, p.alpha = phase.n, phase.m, phase.dense, alpha
-        for layer in self._layers.values():  # what model.<layer>.weight shows between steps
-            layer.refresh()
+            layer.refresh()  # what model.<layer>.weight shows between steps
 
     def step(self) -> None:
         self.step_count += 1
@@ -308,11 +310,10 @@ class NMTraining:
     @torch.no_grad()
     def finalize(self) -> nn.Module:
         """Bake the target N:M mask into the weights; each layer's Parameter gets its name back."""
-        for name, layer in self._layers.items():
-            p = self.parametrizations[name]
+        for layer in self._layers.values():
+            p = layer.weight_fn
             p.n, p.m, p.dense, p.alpha = self.n, self.m, False, 0.0
             layer.remove()
-        self.parametrizations.clear()
         self._layers.clear()
         return self.model
 

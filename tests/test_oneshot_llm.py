@@ -133,6 +133,24 @@ def test_dsnot_threshold_and_cycles_bound_the_work():
     assert int((one != keep).sum()) <= 2 * W.shape[0]  # at most one swap per row
 
 
+@pytest.mark.parametrize(("n", "m"), [(0, 0), (2, 4)])
+def test_dsnot_on_sparsegpt_starts_from_its_saliency_on_the_original_weights(n, m):
+    """As in the DSnoT reference: W^2 / [H^-1]_jj^2 ranked per row (per group), no OBS update."""
+    W, stats = dsnot_case(1)
+    H = stats.hessian.double()
+    H = H + 0.01 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    hinv_diag = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).diagonal()
+    saliency = W.double().square() / hinv_diag.square()
+    if m:
+        groups = saliency.reshape(W.shape[0], -1, m)
+        expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(n, dim=2).indices, True).reshape(W.shape)
+    else:
+        expected = torch.zeros_like(W, dtype=torch.bool).scatter_(1, saliency.topk(W.shape[1] // 2, dim=1).indices, True)
+    new_W, keep = solve_layer("sparsegpt", W, stats, LayerPattern(0.5, n, m), DSnoTConfig(threshold=1e9))
+    assert torch.equal(keep, expected)
+    assert torch.equal(new_W, W * keep)  # the original weights, not SparseGPT's updated ones
+
+
 def test_dsnot_through_the_engine_lowers_the_expected_error():
     model = tiny_causal_lm(TinySpec(arch="llama"))
     plain = prune_decoder(model, samples(8), "wanda", 0.6, progress=False)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sparsecraft.core.patterns import NM
 from sparsecraft.errors import PatternError, SparsecraftError, check_density
 from sparsecraft.methods.dsnot import dsnot_refine
 from sparsecraft.methods.magnitude import magnitude_mask
 from sparsecraft.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
-from sparsecraft.methods.wanda import wanda_mask, wanda_scores
+from sparsecraft.methods.wanda import per_row_mask, wanda_mask, wanda_scores
 from sparsecraft.registry import Registry
 
 
@@ -166,14 +167,20 @@ def initial_score(method: str, W: Tensor, stats: InputStats) -> Tensor:
 def solve_layer(method: str, W: Tensor, stats: InputStats, pattern: LayerPattern, dsnot: DSnoTConfig | None = None) -> tuple[Tensor, Tensor]:
     """Prune W (out, in) with ``method``; with ``dsnot``, refine the mask by DSnoT.
 
-    DSnoT keeps the original weights under the refined mask (it is training-free: no weight
-    update), so on top of SparseGPT it uses SparseGPT's mask and not its reconstructed weights,
-    as in the DSnoT paper.
+    DSnoT is training-free: the refined mask keeps the original weights. So, as in the DSnoT
+    paper and its reference code, "SparseGPT + DSnoT" starts from SparseGPT's saliency
+    W_ij^2 / [H^-1]_jj^2 ranked per row (or per N:M group) without the OBS weight update: the mask
+    SparseGPT itself picks is tuned to its updated weights and is worse on the original ones
+    (measured on SmolLM2-135M at 50%: ppl 82.5 against 72.6 without DSnoT).
     """
-    new_W, keep = ONE_SHOT.get(method)(W, stats, pattern)
     if dsnot is None:
-        return new_W, keep
-    prune_score = initial_score(method, W, stats) if pattern.nm else wanda_scores(W, stats.norm)
+        return ONE_SHOT.get(method)(W, stats, pattern)
+    score = initial_score(method, W, stats)
+    if method == "sparsegpt":
+        keep = NM(pattern.n, pattern.m).mask(score, layer="sparsegpt") if pattern.nm else per_row_mask(score, pattern.sparsity)
+    else:
+        _, keep = ONE_SHOT.get(method)(W, stats, pattern)
+    prune_score = score if pattern.nm else wanda_scores(W, stats.norm)
     keep = dsnot_refine(
         W, keep, stats.per_sample_sum, stats.var, prune_score, pattern.n, pattern.m,
         dsnot.max_cycles, dsnot.threshold, dsnot.var_power,

@@ -1,0 +1,214 @@
+"""accelerate(model): swap each pruned Linear for a SparseLinear when, and only when, it is faster.
+
+"Faster" is measured, not assumed: for each layer the dense product and every format that
+applies are timed on this machine at the token count the layer will see (from an example input,
+or given), in interleaved rounds, and the result is cached per (format, shape, density, tokens,
+threads, value dtype). A layer is swapped only when its best format beats dense by
+``min_speedup``; every other layer is left as it was and the report says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsecraft.errors import SparsecraftError
+from sparsecraft.kernels import ops
+from sparsecraft.kernels.build import SOURCE, available
+from sparsecraft.kernels.formats import FORMATS, SparseWeight, pack
+from sparsecraft.kernels.modules import SparseLinear, dense_weight, is_conv1d
+from sparsecraft.kernels.timing import TimingCache, interleaved_medians
+from sparsecraft.utils import progress_bar
+
+#: N:M patterns recognised automatically (the nm format is then used instead of the bitmask).
+KNOWN_NM = ((2, 4), (4, 8), (1, 4), (2, 8), (1, 2))
+
+
+@dataclass
+class LayerDecision:
+    name: str
+    shape: tuple[int, int]
+    density: float
+    tokens: int
+    format: str | None = None  # None: kept dense
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    reason: str = ""
+    candidates_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        return self.dense_ms / self.sparse_ms if self.dense_ms and self.sparse_ms else None
+
+
+@dataclass
+class AccelerationReport:
+    layers: list[LayerDecision]
+
+    @property
+    def swapped(self) -> list[LayerDecision]:
+        return [d for d in self.layers if d.format]
+
+    def to_dict(self) -> dict:
+        return {"swapped": len(self.swapped), "layers": [asdict(d) | {"speedup": d.speedup} for d in self.layers]}
+
+    def table(self, title: str = "accelerate: layers swapped for sparse kernels"):
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("layer", "shape", "density", "T", "format", "dense ms", "sparse ms", "speedup", "note"):
+            table.add_column(col, justify="right" if col in ("density", "T", "dense ms", "sparse ms", "speedup") else "left")
+        for d in self.layers:
+            table.add_row(d.name, f"{d.shape[0]}x{d.shape[1]}", f"{d.density:.3f}", str(d.tokens), d.format or "dense",
+                          f"{d.dense_ms:.3f}" if d.dense_ms else "-", f"{d.sparse_ms:.3f}" if d.sparse_ms else "-",
+                          f"{d.speedup:.2f}x" if d.speedup else "-", d.reason)
+        return table
+
+
+def candidate_formats(W: Tensor, formats: Iterable[str] | None, block: tuple[int, int] | None) -> list[tuple[str, dict]]:
+    """The formats worth timing for this weight, with their pack arguments."""
+    wanted = list(formats) if formats else ["csr16", "bitmask", "nm"] + (["block"] if block else [])
+    unknown = [f for f in wanted if f not in FORMATS]
+    if unknown:
+        raise SparsecraftError(f"unknown sparse format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    out, inp = W.shape
+    nonzero = W != 0
+    options: list[tuple[str, dict]] = []
+    density = float(nonzero.float().mean())
+    # an N:M weight keeps about N/M; a much sparser one fits N:M only by chance and is reported as unstructured
+    nm = next(((n, m) for n, m in KNOWN_NM if inp % m == 0 and density >= 0.9 * n / m
+               and int(nonzero.reshape(out, -1, m).sum(-1).max()) <= n), None)
+    for fmt in wanted:
+        if fmt == "csr16" and inp <= 2**16:
+            options.append(("csr16", {}))
+        elif fmt == "nm" and nm:
+            options.append(("nm", {"n": nm[0], "m": nm[1]}))
+        elif fmt == "bitmask" and not (nm and "nm" in wanted):  # same kernel as nm: time it once
+            options.append(("bitmask", {}))
+        elif fmt == "block" and block and out % block[0] == 0 and inp % block[1] == 0:
+            options.append(("block", {"block": block}))
+    return options
+
+
+def layer_tokens(model: nn.Module, example_input: Tensor | dict, names: list[str]) -> dict[str, int]:
+    """How many tokens (rows of x) each named layer sees in one forward pass of the example."""
+    seen: dict[str, int] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in names:
+        features = dense_weight(modules[name]).shape[1]
+        hooks.append(modules[name].register_forward_hook(
+            lambda _m, args, _o, name=name, features=features: seen.setdefault(name, args[0].numel() // features)))
+    try:
+        with torch.no_grad():
+            model(**example_input) if isinstance(example_input, dict) else model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _key(kind: str, shape: tuple[int, int], density: float, tokens: int, dtype: torch.dtype) -> str:
+    build = hashlib.sha256(SOURCE.read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]  # kernels or dispatch changed: retime
+    return f"{build}|{kind}|{shape[0]}x{shape[1]}|d{density:.2f}|T{tokens}|th{torch.get_num_threads()}|{str(dtype).split('.')[-1]}"
+
+
+def _decide(name: str, W: Tensor, bias: Tensor | None, tokens: int, options: list[tuple[str, dict]], dtype: torch.dtype,
+            min_speedup: float, cache: TimingCache | None) -> tuple[LayerDecision, SparseWeight | None]:
+    density = float((W != 0).float().mean())
+    decision = LayerDecision(name, tuple(W.shape), density, tokens)
+    packed = {fmt: pack(W, fmt, dtype=dtype, layer=name, **kw) for fmt, kw in options}
+    x = torch.randn(tokens, W.shape[1])
+    Wd = W.detach().float().contiguous()
+    keys = {"dense": _key("dense", decision.shape, density, tokens, torch.float32)}
+    keys |= {fmt: _key(fmt, decision.shape, density, tokens, dtype) for fmt in packed}
+    times = {k: cache.get(v) for k, v in keys.items()} if cache else {k: None for k in keys}
+    missing = {k for k, v in times.items() if v is None}
+    if missing:
+        fns = {"dense": lambda: F.linear(x, Wd, bias)} | {fmt: (lambda sw=sw: sw.linear(x, bias)) for fmt, sw in packed.items()}
+        with torch.no_grad():
+            measured = interleaved_medians({k: fns[k] for k in keys if k in missing or k == "dense"})
+        for k, seconds in measured.items():
+            if k in missing:
+                times[k] = seconds
+                if cache:
+                    cache.put(keys[k], seconds)
+    decision.dense_ms = times["dense"] * 1e3
+    decision.candidates_ms = {fmt: times[fmt] * 1e3 for fmt in packed}
+    best = min(packed, key=lambda fmt: times[fmt])
+    decision.sparse_ms = times[best] * 1e3
+    if decision.speedup < min_speedup:
+        decision.reason = f"best format {best} is {decision.speedup:.2f}x dense (< {min_speedup}x): kept dense"
+        return decision, None
+    decision.format = best
+    return decision, packed[best]
+
+
+def accelerate(
+    model: nn.Module,
+    example_input: Tensor | dict | None = None,
+    tokens: int | None = None,
+    formats: Iterable[str] | None = None,
+    block: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    min_speedup: float = 1.1,
+    max_density: float = 0.75,
+    names: Iterable[str] | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> AccelerationReport:
+    """Swap the pruned Linear/Conv1D layers of ``model`` (in place) for faster sparse ones.
+
+    The token count each layer is tuned for comes from one forward pass of ``example_input``
+    (a tensor, or a dict of keyword inputs for Hugging Face models) or from ``tokens``
+    (1 = one-token decoding; default 1). Layers denser than ``max_density`` are not tried.
+    """
+    if tokens is not None and tokens < 1:
+        raise SparsecraftError(f"tokens={tokens}: give the number of tokens per forward (1 for decoding)")
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) or is_conv1d(m)]
+    if names is not None:
+        names = list(names)
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise SparsecraftError(f"no module named {missing[0]!r} in the model; see model.named_modules()")
+        linears = [n for n in linears if n in names]
+    per_layer = layer_tokens(model, example_input, linears) if example_input is not None else {}
+    kernels = available()
+    cache = TimingCache() if use_cache else None
+    decisions: list[LayerDecision] = []
+    for name in progress_bar(linears, "accelerate", enabled=progress):
+        module = modules[name]
+        W = dense_weight(module).detach()
+        layer_t = per_layer.get(name, tokens or 1)
+        density = float((W != 0).float().mean())
+        if W.device.type != "cpu" or not kernels:
+            why = "the compiled kernels are not available" if not kernels else f"on {W.device.type}: the CPU kernels do not apply"
+            decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t, reason=why + ": kept dense"))
+            continue
+        if density > max_density:
+            decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t,
+                                           reason=f"density {density:.2f} > {max_density}: not sparse enough to gain, kept dense"))
+            continue
+        options = candidate_formats(W, formats, block)
+        if not options:
+            decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t, reason="no requested format fits this layer"))
+            continue
+        decision, sparse = _decide(name, W, module.bias, layer_t, options, dtype, min_speedup, cache)
+        decisions.append(decision)
+        if sparse is not None:
+            _replace(model, name, SparseLinear(sparse, module.bias))
+    if cache:
+        cache.save()
+    return AccelerationReport(decisions)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

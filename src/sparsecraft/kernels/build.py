@@ -1,0 +1,106 @@
+"""Compile the C++ kernels at first use, cache the library, load it with ctypes.
+
+Why not a torch C++ extension: including torch's headers makes one compile take about a minute
+on two cores and ties the build to one torch version. The kernels only need raw pointers, so
+they are plain C++ (AVX2/FMA intrinsics, OpenMP), compiled in about two seconds with the
+system compiler and called through ctypes; pip installs nothing that could pull another torch.
+
+The library is cached under ``$SPARSECRAFT_CACHE/kernels`` (default ``~/.cache/sparsecraft``)
+by a hash of the source, the flags, the compiler and the CPU, written to a temporary name and
+renamed, so concurrent first uses and interrupted builds never leave a broken library. When no
+compiler is found, the CPU lacks AVX2/FMA/F16C, or the build fails, ``library()`` returns None
+after one warning and callers use plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.cpp"
+ABI_VERSION = 1
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+
+_p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+SIGNATURES = {
+    "sc_csr16": [_p, _p, _p, _i32, _p, _p, _p, _i64, _i64, _i32],
+    "sc_bitmask": [_p, _p, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i32],
+    "sc_block": [_p, _p, _p, _i32, _i32, _i32, _p, _p, _p, _i64, _i64, _i32],
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSECRAFT_CACHE") or Path.home() / ".cache" / "sparsecraft"
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+        return "\n".join(dict.fromkeys(lines))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (after one warning) when the fast path is unavailable."""
+    if os.environ.get("SPARSECRAFT_NO_KERNELS"):
+        return None
+    import torch  # noqa: F401  (load torch's OpenMP runtime first, so ours resolves to it)
+
+    compiler = _compiler()
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        warnings.warn("sparsecraft kernels: no C++ compiler or not x86-64; sparse layers use plain PyTorch (slower)", stacklevel=2)
+        return None
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+        if lib.sc_abi_version() != ABI_VERSION:
+            raise RuntimeError(f"library ABI {lib.sc_abi_version()} != {ABI_VERSION}")
+        for name, argtypes in SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return lib
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        warnings.warn(f"sparsecraft kernels unavailable ({exc}); sparse layers use plain PyTorch (slower)", stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled fast path is loaded (compiling it on first call)."""
+    return library() is not None

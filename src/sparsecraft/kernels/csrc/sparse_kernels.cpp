@@ -1,0 +1,315 @@
+// sparsecraft CPU kernels: Y = W X + bias for a sparse W (out x in) and X given transposed.
+//
+// Layout shared by every kernel: xt is (in, tp) row-major (token t of input feature j at
+// xt[j * tp + t]), y is (out, tp). tp == 1 is the one-token decode case (memory-bound: read the
+// format once, in order); tp > 1 must be a multiple of 8 (the caller zero-pads) and is
+// compute-bound: each kept weight does a broadcast-FMA over a tile of tokens held in registers.
+//
+// Values are float32, float16 or bfloat16 (vdtype 0, 1, 2), always accumulated in float32.
+// Compiled at first use by sparsecraft.kernels.build with -O3 -march=native -fopenmp; the
+// OpenMP runtime resolves to the one torch already loaded, so both share one thread pool.
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "sparsecraft kernels need AVX2, FMA and F16C"
+#endif
+
+namespace {
+
+enum VDtype { F32 = 0, F16 = 1, BF16 = 2 };
+
+template <int D> inline float load1(const void* p, int64_t i) {
+    if (D == F32) return static_cast<const float*>(p)[i];
+    uint16_t h = static_cast<const uint16_t*>(p)[i];
+    if (D == F16) return _cvtsh_ss(h);
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+template <int D> inline __m256 load8(const void* p, int64_t i) {
+    if (D == F32) return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i));
+    if (D == F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+// Work items for tp > 1: (token tile, row) pairs in tile-major order, so the threads sweep all
+// rows over one tile of X before the next and that tile stays in cache.
+constexpr int64_t kTile = 64;
+
+// ---- CSR with 16-bit column indices -----------------------------------------------------
+
+template <int D>
+void csr16_mv(const int32_t* rp, const uint16_t* cols, const void* vals, const float* x, float* y,
+              const float* bias, int64_t out, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
+    for (int64_t r = 0; r < out; ++r) {
+        int64_t k = rp[r];
+        const int64_t end = rp[r + 1];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        for (; k + 16 <= end; k += 16) {
+            __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + k)));
+            __m256i i1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + k + 8)));
+            a0 = _mm256_fmadd_ps(load8<D>(vals, k), _mm256_i32gather_ps(x, i0, 4), a0);
+            a1 = _mm256_fmadd_ps(load8<D>(vals, k + 8), _mm256_i32gather_ps(x, i1, 4), a1);
+        }
+        if (k + 8 <= end) {
+            __m256i i0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(cols + k)));
+            a0 = _mm256_fmadd_ps(load8<D>(vals, k), _mm256_i32gather_ps(x, i0, 4), a0);
+            k += 8;
+        }
+        float s = hsum(_mm256_add_ps(a0, a1));
+        for (; k < end; ++k) s += load1<D>(vals, k) * x[cols[k]];
+        y[r] = s + (bias ? bias[r] : 0.0f);
+    }
+}
+
+// One row over one tile of nv*8 tokens; u independent accumulator sets hide the FMA latency
+// when the tile is narrow (nv * u >= 4 chains in flight).
+template <int D, int NV, int U>
+inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xt,
+                           int64_t tp, int64_t t0, float* yrow, float b) {
+    __m256 acc[U][NV];
+    for (int u = 0; u < U; ++u)
+        for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_set1_ps(u == 0 ? b : 0.0f);
+    for (; k + U <= end; k += U) {
+        for (int u = 0; u < U; ++u) {
+            const __m256 v = _mm256_set1_ps(load1<D>(vals, k + u));
+            const float* xr = xt + static_cast<int64_t>(cols[k + u]) * tp + t0;
+            for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+        }
+    }
+    for (; k < end; ++k) {
+        const __m256 v = _mm256_set1_ps(load1<D>(vals, k));
+        const float* xr = xt + static_cast<int64_t>(cols[k]) * tp + t0;
+        for (int j = 0; j < NV; ++j) acc[0][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[0][j]);
+    }
+    for (int j = 0; j < NV; ++j) {
+        __m256 s = acc[0][j];
+        for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
+        _mm256_storeu_ps(yrow + t0 + 8 * j, s);
+    }
+}
+
+template <int D>
+void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
+              const float* bias, int64_t out, int64_t tp, int threads) {
+    const int64_t tiles = (tp + kTile - 1) / kTile;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
+    for (int64_t item = 0; item < tiles * out; ++item) {
+        const int64_t r = item % out, t0 = (item / out) * kTile;
+        const int64_t width = tp - t0 < kTile ? tp - t0 : kTile;
+        const float b = bias ? bias[r] : 0.0f;
+        float* yrow = y + r * tp;
+        int64_t t = t0;
+        for (; t + 64 <= t0 + width; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
+        for (; t + 32 <= t0 + width; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
+        for (; t + 16 <= t0 + width; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
+        for (; t + 8 <= t0 + width; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
+    }
+}
+
+// ---- Bitmask (one bit per weight, row-major) + packed values -------------------------------
+
+struct ExpandTable {
+    // idx[m][i]: where lane i's value sits among the packed values of byte m; mask: lane kept.
+    alignas(32) int32_t idx[256][8];
+    alignas(32) int32_t mask[256][8];
+    ExpandTable() {
+        for (int m = 0; m < 256; ++m) {
+            int seen = 0;
+            for (int i = 0; i < 8; ++i) {
+                const bool on = (m >> i) & 1;
+                idx[m][i] = on ? seen : 0;
+                mask[m][i] = on ? -1 : 0;
+                seen += on;
+            }
+        }
+    }
+};
+const ExpandTable kExpand;
+
+template <int D>
+inline __m256 expand8(const void* vals, int64_t off, unsigned m) {
+    const __m256 packed = load8<D>(vals, off);  // values are padded by 8 at the end: never out of bounds
+    const __m256 spread = _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.idx[m])));
+    return _mm256_and_ps(spread, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.mask[m]))));
+}
+
+template <int D>
+void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* x,
+                float* y, const float* bias, int64_t out, int threads) {
+    // x is padded with zeros to row_bytes * 8 entries by the caller.
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
+    for (int64_t r = 0; r < out; ++r) {
+        const uint8_t* b = bits + r * row_bytes;
+        int64_t off = rp[r];
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        int64_t c = 0;
+        for (; c + 2 <= row_bytes; c += 2) {
+            const unsigned m0 = b[c], m1 = b[c + 1];
+            const int64_t off1 = off + __builtin_popcount(m0);
+            a0 = _mm256_fmadd_ps(expand8<D>(vals, off, m0), _mm256_loadu_ps(x + 8 * c), a0);
+            a1 = _mm256_fmadd_ps(expand8<D>(vals, off1, m1), _mm256_loadu_ps(x + 8 * c + 8), a1);
+            off = off1 + __builtin_popcount(m1);
+        }
+        if (c < row_bytes) a0 = _mm256_fmadd_ps(expand8<D>(vals, off, b[c]), _mm256_loadu_ps(x + 8 * c), a0);
+        y[r] = hsum(_mm256_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
+    }
+}
+
+template <int D, int NV>
+inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xt,
+                             int64_t tp, int64_t t0, float* yrow, float bias) {
+    __m256 acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = _mm256_set1_ps(bias);
+    for (int64_t c = 0; c < row_bytes; ++c) {
+        unsigned m = b[c];
+        while (m) {
+            const int64_t col = 8 * c + __builtin_ctz(m);
+            m &= m - 1;
+            const __m256 v = _mm256_set1_ps(load1<D>(vals, off++));
+            const float* xr = xt + col * tp + t0;
+            for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[j]);
+        }
+    }
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(yrow + t0 + 8 * j, acc[j]);
+}
+
+template <int D>
+void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
+                float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+    const int64_t tiles = (tp + kTile - 1) / kTile;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
+    for (int64_t item = 0; item < tiles * out; ++item) {
+        const int64_t r = item % out, t0 = (item / out) * kTile;
+        const int64_t stop = tp < t0 + kTile ? tp : t0 + kTile;
+        const float bv = bias ? bias[r] : 0.0f;
+        const uint8_t* b = bits + r * row_bytes;
+        float* yrow = y + r * tp;
+        int64_t t = t0;
+        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
+        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
+        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
+    }
+}
+
+// ---- Blocks of bh x bw (block-CSR over block rows, 32-bit block column indices) -------------
+
+template <int D>
+void block_mv(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* x,
+              float* y, const float* bias, int64_t out, int threads) {
+    const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 4)
+    for (int64_t br = 0; br < brows; ++br) {
+        for (int i = 0; i < bh; ++i) {
+            __m256 a = _mm256_setzero_ps();
+            float s = 0.0f;
+            for (int64_t k = brp[br]; k < brp[br + 1]; ++k) {
+                const int64_t base = k * bsize + static_cast<int64_t>(i) * bw;
+                const float* xr = x + static_cast<int64_t>(bcols[k]) * bw;
+                int j = 0;
+                for (; j + 8 <= bw; j += 8) a = _mm256_fmadd_ps(load8<D>(vals, base + j), _mm256_loadu_ps(xr + j), a);
+                for (; j < bw; ++j) s += load1<D>(vals, base + j) * xr[j];
+            }
+            const int64_t r = br * bh + i;
+            y[r] = hsum(a) + s + (bias ? bias[r] : 0.0f);
+        }
+    }
+}
+
+template <int D>
+void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
+              float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+    const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
+    const int64_t tiles = tp / 8;
+    constexpr int kMaxBh = 16;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 4)
+    for (int64_t item = 0; item < tiles * brows; ++item) {
+        const int64_t br = item % brows, t0 = (item / brows) * 8;
+        for (int i0 = 0; i0 < bh; i0 += kMaxBh) {
+            const int rows = bh - i0 < kMaxBh ? bh - i0 : kMaxBh;
+            __m256 acc[kMaxBh];
+            for (int i = 0; i < rows; ++i) acc[i] = _mm256_set1_ps(bias ? bias[br * bh + i0 + i] : 0.0f);
+            for (int64_t k = brp[br]; k < brp[br + 1]; ++k) {
+                const float* xr = xt + static_cast<int64_t>(bcols[k]) * bw * tp + t0;
+                const int64_t base = k * bsize + static_cast<int64_t>(i0) * bw;
+                for (int j = 0; j < bw; ++j) {
+                    const __m256 xv = _mm256_loadu_ps(xr + j * tp);
+                    for (int i = 0; i < rows; ++i)
+                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j)), xv, acc[i]);
+                }
+            }
+            for (int i = 0; i < rows; ++i) _mm256_storeu_ps(y + (br * bh + i0 + i) * tp + t0, acc[i]);
+        }
+    }
+}
+
+template <template <int> class F, typename... A>
+int dispatch(int vdtype, A... a) {
+    switch (vdtype) {
+        case F32: F<F32>::run(a...); return 0;
+        case F16: F<F16>::run(a...); return 0;
+        case BF16: F<BF16>::run(a...); return 0;
+        default: return 1;
+    }
+}
+
+template <int D> struct Csr16 {
+    static void run(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
+                    const float* bias, int64_t out, int64_t tp, int threads) {
+        if (tp == 1) csr16_mv<D>(rp, cols, vals, xt, y, bias, out, threads);
+        else csr16_mm<D>(rp, cols, vals, xt, y, bias, out, tp, threads);
+    }
+};
+template <int D> struct Bitmask {
+    static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
+                    float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+        if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
+        else bitmask_mm<D>(rp, bits, row_bytes, vals, xt, y, bias, out, tp, threads);
+    }
+};
+template <int D> struct Block {
+    static void run(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
+                    float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+        if (tp == 1) block_mv<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, threads);
+        else block_mm<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, tp, threads);
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
+int sc_abi_version() { return 1; }
+
+int sc_csr16(const int32_t* rp, const uint16_t* cols, const void* vals, int vdtype, const float* xt, float* y,
+             const float* bias, int64_t out, int64_t tp, int threads) {
+    return dispatch<Csr16>(vdtype, rp, cols, vals, xt, y, bias, out, tp, threads);
+}
+
+int sc_bitmask(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype,
+               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+    return dispatch<Bitmask>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, tp, threads);
+}
+
+int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw,
+             const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+    return dispatch<Block>(vdtype, brp, bcols, vals, bh, bw, xt, y, bias, out, tp, threads);
+}
+
+}  // extern "C"

@@ -1,0 +1,197 @@
+"""Sparse storage formats for the weight of a pruned Linear (out x in), as plain tensors.
+
+Every format keeps its arrays in ``SparseWeight.tensors`` (so they move with ``.to()``, save
+with safetensors and never need a dense copy) and its values in float32 by default, float16 or
+bfloat16 on request (halves the bytes a product reads; the values are rounded once, to about
+3 significant digits for float16 and 2 for bfloat16, while the products still accumulate in
+float32). The values array is padded with 8 zeros so the vector kernels may read 8 at a time.
+
+- ``csr16``: compressed rows, 16-bit column indices: 4 + 2 bytes per kept weight (fp32). Best
+  at high sparsity (>= ~94% it moves fewer bytes than the bitmask) and for many tokens.
+- ``bitmask``: one bit per weight + the kept values, row-major: 1/8 + 4 * density bytes per
+  weight. Best at one-token decoding below ~94% sparsity: no gathers, one byte per 8 columns.
+- ``nm``: N:M sparsity stored as a bitmask over each group of M (M bits per group: 2 bits per
+  kept value for 2:4 and 4:8), validated to keep at most N per group; the bitmask kernels run it.
+- ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
+  any of its weights is nonzero, so the zeros inside kept blocks are multiplied too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sparsecraft.errors import PatternError
+
+FORMATS = ("csr16", "bitmask", "nm", "block")
+VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PAD = 8
+
+
+@dataclass
+class SparseWeight:
+    """A pruned weight in one of :data:`FORMATS`; ``linear(x, bias)`` equals ``F.linear(x, W, bias)``."""
+
+    fmt: str
+    shape: tuple[int, int]
+    tensors: dict[str, Tensor]
+    n: int = 0
+    m: int = 0
+    block: tuple[int, int] = (1, 1)
+    _csr: Tensor | None = field(default=None, repr=False, compare=False)
+    _plan: tuple | None = field(default=None, repr=False, compare=False)  # see kernels.ops._plan
+
+    @property
+    def values(self) -> Tensor:
+        return self.tensors["values"]
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (for blocks: every weight of a kept block)."""
+        return self.values.numel() - PAD
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.shape[0] * self.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads: the arrays without the padding."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values()) - PAD * self.values.element_size()
+
+    def to(self, device: torch.device | str) -> SparseWeight:
+        return SparseWeight(self.fmt, self.shape, {k: v.to(device) for k, v in self.tensors.items()}, self.n, self.m, self.block)
+
+    def to_dense(self) -> Tensor:
+        """The dense (out, in) float32 weight (for checks and the fallback; not used by the kernels)."""
+        out, inp = self.shape
+        t = self.tensors
+        values = self.values[: self.nnz].float()
+        if self.fmt == "csr16":
+            rows = torch.repeat_interleave(torch.arange(out, device=values.device), t["row_ptr"].diff().long())
+            cols = t["cols"].long() & 0xFFFF  # stored as int16, read as uint16
+            dense = torch.zeros(out, inp, device=values.device)
+            dense[rows, cols] = values
+            return dense
+        if self.fmt in ("bitmask", "nm"):
+            mask = unpack_bits(t["bits"], inp)
+            dense = torch.zeros(out, inp, device=values.device)
+            dense[mask] = values
+            return dense
+        bh, bw = self.block
+        brows = torch.repeat_interleave(torch.arange(out // bh, device=values.device), t["block_row_ptr"].diff().long())
+        blocks = torch.zeros(out // bh, inp // bw, bh, bw, device=values.device)
+        blocks[brows, t["block_cols"].long()] = values.reshape(-1, bh, bw)
+        return blocks.permute(0, 2, 1, 3).reshape(out, inp)
+
+    def torch_csr(self) -> Tensor:
+        """A torch.sparse CSR copy (float32), built once: the plain-PyTorch fallback's weight."""
+        if self._csr is None:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": nothing the user can act on
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = self.to_dense().to_sparse_csr()
+        return self._csr
+
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        from sparsecraft.kernels.ops import sparse_linear
+
+        return sparse_linear(x, self, bias)
+
+
+def unpack_bits(bits: Tensor, cols: int) -> Tensor:
+    """Boolean (rows, cols) from little-endian packed rows (bit i of byte c is column 8c + i)."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    unpacked = (bits.unsqueeze(-1) >> shifts) & 1
+    return unpacked.reshape(bits.shape[0], -1)[:, :cols].bool()
+
+
+def _padded_values(values: Tensor, dtype: torch.dtype) -> Tensor:
+    if dtype not in VALUE_DTYPES:
+        raise PatternError(f"value dtype {dtype} is not supported; use one of {', '.join(map(str, VALUE_DTYPES))}")
+    return torch.cat([values.detach().to(dtype), torch.zeros(PAD, dtype=dtype, device=values.device)]).contiguous()
+
+
+def _row_ptr(counts: Tensor) -> Tensor:
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    ptr[1:] = counts.cpu().long().cumsum(0)
+    if int(ptr[-1]) >= 2**31:
+        raise PatternError(f"{int(ptr[-1])} stored values do not fit 32-bit offsets; split the layer")
+    return ptr.to(torch.int32)
+
+
+def _check_weight(weight: Tensor, layer: str) -> Tensor:
+    if weight.dim() != 2:
+        raise PatternError(f"{layer}: sparse formats take a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise PatternError(f"{layer}: weight dtype {weight.dtype} is not floating point")
+    w = weight.detach().cpu().float()
+    if not torch.isfinite(w).all():
+        raise PatternError(f"{layer}: weight contains NaN or Inf")
+    return w
+
+
+def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWeight:
+    out, inp = w.shape
+    if inp > 2**16:
+        raise PatternError(f"{layer}: csr16 holds at most 65536 input columns, the layer has {inp}; use bitmask")
+    mask = w != 0
+    cols = mask.nonzero()[:, 1].numpy().astype(np.uint16).view(np.int16)
+    tensors = {"row_ptr": _row_ptr(mask.sum(1)), "cols": torch.from_numpy(cols.copy()), "values": _padded_values(w[mask], dtype)}
+    return SparseWeight("csr16", (out, inp), tensors)
+
+
+def pack_bitmask(w: Tensor, dtype: torch.dtype, fmt: str = "bitmask", n: int = 0, m: int = 0) -> SparseWeight:
+    out, inp = w.shape
+    mask = w != 0
+    bits = np.packbits(mask.numpy(), axis=1, bitorder="little")
+    tensors = {"row_ptr": _row_ptr(mask.sum(1)), "bits": torch.from_numpy(bits), "values": _padded_values(w[mask], dtype)}
+    return SparseWeight(fmt, (out, inp), tensors, n, m)
+
+
+def pack_nm(w: Tensor, n: int, m: int, dtype: torch.dtype, layer: str = "layer") -> SparseWeight:
+    out, inp = w.shape
+    if not 0 < n < m:
+        raise PatternError(f"{layer}: N:M needs 0 < N < M, got {n}:{m}")
+    if inp % m:
+        raise PatternError(f"{layer}: {n}:{m} needs the input dimension {inp} to be a multiple of {m}")
+    per_group = (w != 0).reshape(out, inp // m, m).sum(-1)
+    if int(per_group.max()) > n:
+        row, group = divmod(int(per_group.argmax()), inp // m)
+        raise PatternError(
+            f"{layer}: not {n}:{m} sparse: row {row}, columns {group * m}..{group * m + m - 1} keep "
+            f"{int(per_group.max())} weights; prune it with pattern {n}:{m} first or use bitmask"
+        )
+    return pack_bitmask(w, dtype, "nm", n, m)
+
+
+def pack_block(w: Tensor, bh: int, bw: int, dtype: torch.dtype, layer: str = "layer") -> SparseWeight:
+    out, inp = w.shape
+    if bh < 1 or bw < 1 or out % bh or inp % bw:
+        raise PatternError(f"{layer}: blocks of {bh}x{bw} must tile the weight {out}x{inp}; choose sizes that divide it")
+    blocks = w.reshape(out // bh, bh, inp // bw, bw).permute(0, 2, 1, 3)  # (block rows, block cols, bh, bw)
+    kept = (blocks != 0).any(-1).any(-1)
+    tensors = {
+        "block_row_ptr": _row_ptr(kept.sum(1)),
+        "block_cols": kept.nonzero()[:, 1].to(torch.int32).contiguous(),
+        "values": _padded_values(blocks[kept].reshape(-1), dtype),
+    }
+    return SparseWeight("block", (out, inp), tensors, block=(bh, bw))
+
+
+def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int] = (1, 1),
+         dtype: torch.dtype = torch.float32, layer: str = "layer") -> SparseWeight:
+    """Pack a dense (out, in) weight whose zeros are the pruned entries into format ``fmt``."""
+    w = _check_weight(weight, layer)
+    if fmt == "csr16":
+        return pack_csr16(w, dtype, layer)
+    if fmt == "bitmask":
+        return pack_bitmask(w, dtype)
+    if fmt == "nm":
+        return pack_nm(w, n, m, dtype, layer)
+    if fmt == "block":
+        return pack_block(w, block[0], block[1], dtype, layer)
+    raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -1,0 +1,105 @@
+"""y = x W^T + b for a packed sparse W: the compiled kernels, or plain PyTorch when they are not there.
+
+The kernels take X transposed, (in, T) with T padded to a multiple of 8, so that each kept
+weight multiplies a contiguous run of tokens; one token (decoding) uses the vector itself. The
+fallback (no compiler, another device, autograd) uses torch.sparse CSR: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsecraft.errors import PatternError
+from sparsecraft.kernels.build import library
+from sparsecraft.kernels.formats import VALUE_DTYPES, SparseWeight
+
+
+#: Multiply-adds below which one more thread costs more than it saves (measured on 2 cores).
+MIN_WORK_PER_THREAD = 1 << 16
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def fast_path_applies(x: Tensor, sw: SparseWeight) -> bool:
+    """Compiled kernels run on CPU tensors; anything else (CUDA, no compiler) takes the fallback."""
+    return x.is_cpu and sw.values.is_cpu and library() is not None
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    """The kernel forward with a gradient for x (and bias); the sparse weight itself is frozen."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor | None, sw: SparseWeight) -> Tensor:  # type: ignore[override]
+        ctx.sw, ctx.has_bias = sw, bias is not None
+        return _kernel(x.float(), sw, None if bias is None else bias.detach().float().contiguous())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
+        grad_x = torch.sparse.mm(ctx.sw.torch_csr().t(), grad.t()).t()  # dY W, from W^T
+        return grad_x, grad.sum(0) if ctx.has_bias else None, None
+
+
+def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Tensor:
+    out_features, in_features = sw.shape
+    if x.shape[-1] != in_features:
+        raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
+    lead = x.shape[:-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
+    if not fast_path_applies(x, sw):
+        y = torch.sparse.mm(sw.torch_csr().to(x.device), x2.float().t()).t()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*lead, out_features)
+    if x2.dtype != torch.float32:
+        x2 = x2.float()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _SparseLinearFunction.apply(x2, bias, sw)
+    else:
+        y = _kernel(x2, sw, bias)
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*lead, out_features)
+
+
+def _plan(sw: SparseWeight) -> tuple:
+    """The library function, its fixed leading arguments (pointers into the format's arrays) and nnz, built once."""
+    if sw._plan is None:
+        lib, t, vdtype = library(), sw.tensors, VALUE_DTYPES[sw.values.dtype]
+        if sw.fmt == "csr16":
+            prefix = (t["row_ptr"].data_ptr(), t["cols"].data_ptr(), t["values"].data_ptr(), vdtype)
+            sw._plan = (lib.sc_csr16, prefix, sw.nnz)
+        elif sw.fmt in ("bitmask", "nm"):
+            prefix = (t["row_ptr"].data_ptr(), t["bits"].data_ptr(), t["bits"].shape[1], t["values"].data_ptr(), vdtype)
+            sw._plan = (lib.sc_bitmask, prefix, sw.nnz)
+        else:
+            prefix = (t["block_row_ptr"].data_ptr(), t["block_cols"].data_ptr(), t["values"].data_ptr(), vdtype, *sw.block)
+            sw._plan = (lib.sc_block, prefix, sw.nnz)
+    return sw._plan
+
+
+def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
+    fn, prefix, _ = _plan(sw)
+    tokens, in_features = x.shape
+    out_features = sw.shape[0]
+    # waking a second thread costs microseconds (a time slice on a busy machine): small products run on one
+    threads = max(1, min(torch.get_num_threads(), sw._plan[2] * max(tokens, 8) // MIN_WORK_PER_THREAD))
+    if tokens == 1:
+        tp = 1
+        xt = x if x.is_contiguous() else x.contiguous()
+        if in_features % 8 and sw.fmt in ("bitmask", "nm"):  # the bitmask kernel reads x 8 columns at a time
+            xt = F.pad(xt, (0, 8 - in_features % 8))
+    else:
+        tp = (tokens + 7) // 8 * 8
+        xt = x.new_zeros(in_features, tp)
+        xt[:, :tokens] = x.t()
+    y = torch.empty(out_features, tp) if tokens > 1 else torch.empty(1, out_features)
+    rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out_features, tp, threads)
+    if rc:
+        raise RuntimeError(f"sparse kernel {sw.fmt} failed with code {rc}")
+    return y if tokens == 1 else y[:, :tokens].t().contiguous()

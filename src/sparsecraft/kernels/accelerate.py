@@ -101,10 +101,13 @@ def layer_tokens(model: nn.Module, example_input: Tensor | dict, names: list[str
     seen: dict[str, int] = {}
     modules = dict(model.named_modules())
     hooks = []
+    def record(name: str, features: int):
+        def hook(_module: nn.Module, args: tuple, _output: Tensor) -> None:  # returns None: the output is unchanged
+            seen.setdefault(name, args[0].numel() // features)
+        return hook
+
     for name in names:
-        features = dense_weight(modules[name]).shape[1]
-        hooks.append(modules[name].register_forward_hook(
-            lambda _m, args, _o, name=name, features=features: seen.setdefault(name, args[0].numel() // features)))
+        hooks.append(modules[name].register_forward_hook(record(name, dense_weight(modules[name]).shape[1])))
     try:
         with torch.no_grad():
             model(**example_input) if isinstance(example_input, dict) else model(example_input)

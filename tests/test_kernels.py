@@ -1,0 +1,248 @@
+"""Sparse formats and CPU kernels: every format equals the dense masked product (fuzzed), round trips,
+the fallback, accelerate() and sparse checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparsecraft.kernels as K
+from sparsecraft.core.patterns import NM
+from sparsecraft.errors import PatternError, SparsecraftError
+from sparsecraft.kernels import build
+from sparsecraft.kernels.formats import unpack_bits
+
+pytest.importorskip("transformers")
+from sparsecraft.methods.sequential import prune_decoder  # noqa: E402
+from sparsecraft.models.hf import TinySpec, tiny_causal_lm  # noqa: E402
+
+def sparse_weight(out: int, inp: int, density: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, inp, generator=g)
+    return W * (torch.rand(out, inp, generator=g) < density)
+
+
+def assert_matches_dense(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Within fp32 rounding of the exact product: |error| <= 1e-5 * (|x| |W|^T + |b|), elementwise."""
+    exact = torch.nn.functional.linear(x.double(), W.double(), None if bias is None else bias.double())
+    scale = x.double().abs() @ W.double().abs().t() + (0 if bias is None else bias.double().abs())
+    assert y.shape == exact.shape
+    assert bool(((y.double() - exact).abs() <= 1e-5 * scale + 1e-30).all()), float(((y.double() - exact).abs() - 1e-5 * scale).max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    out=st.integers(1, 70), inp=st.integers(1, 200), density=st.sampled_from([0.0, 0.02, 0.1, 0.3, 0.5, 0.9, 1.0]),
+    tokens=st.sampled_from([1, 2, 7, 8, 9, 31, 64, 65, 130, 300]), fmt=st.sampled_from(["csr16", "bitmask"]),
+    with_bias=st.booleans(), seed=st.integers(0, 10_000),
+)
+def test_unstructured_formats_equal_the_dense_masked_product(out, inp, density, tokens, fmt, with_bias, seed):
+    W = sparse_weight(out, inp, density, seed)
+    W[seed % out] = 0  # an empty row
+    x = torch.randn(tokens, inp, generator=torch.Generator().manual_seed(seed + 1))
+    bias = torch.randn(out) if with_bias else None
+    packed = K.pack(W, fmt)
+    assert torch.equal(packed.to_dense(), W)
+    assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
+@settings(max_examples=30, deadline=None)
+@given(nm=st.sampled_from([(2, 4), (4, 8), (1, 4), (3, 8)]), rows=st.integers(1, 40), groups=st.integers(1, 24),
+       tokens=st.sampled_from([1, 5, 8, 64, 100]), seed=st.integers(0, 10_000))
+def test_nm_format_keeps_positions_and_equals_the_dense_product(nm, rows, groups, tokens, seed):
+    n, m = nm
+    W = torch.randn(rows, groups * m, generator=torch.Generator().manual_seed(seed))
+    W = W * NM(n, m).mask(W.abs())
+    packed = K.pack(W, "nm", n=n, m=m)
+    assert torch.equal(packed.to_dense(), W)  # the per-group positions round trip
+    assert bool((unpack_bits(packed.tensors["bits"], W.shape[1]).reshape(rows, groups, m).sum(-1) <= n).all())
+    x = torch.randn(tokens, W.shape[1])
+    assert_matches_dense(packed.linear(x), x, W, None)
+
+
+@settings(max_examples=30, deadline=None)
+@given(block=st.sampled_from([(1, 1), (4, 4), (2, 8), (8, 1), (1, 16), (16, 2)]), brows=st.integers(1, 8), bcols=st.integers(1, 12),
+       density=st.sampled_from([0.1, 0.4, 1.0]), tokens=st.sampled_from([1, 3, 8, 64, 70]), seed=st.integers(0, 10_000))
+def test_block_format_equals_the_dense_product(block, brows, bcols, density, tokens, seed):
+    bh, bw = block
+    g = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(brows, 1, bcols, 1, generator=g) < density).expand(brows, bh, bcols, bw).reshape(brows * bh, bcols * bw)
+    W = torch.randn(brows * bh, bcols * bw, generator=g) * keep
+    packed = K.pack(W, "block", block=block)
+    assert torch.equal(packed.to_dense(), W)
+    assert packed.nnz == int(keep.sum())
+    x = torch.randn(tokens, W.shape[1], generator=g)
+    bias = torch.randn(W.shape[0], generator=g)
+    assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block"])
+def test_half_precision_values_equal_the_product_with_rounded_weights(dtype, fmt):
+    W = sparse_weight(48, 96, 0.3, 0)
+    packed = K.pack(W, fmt, dtype=dtype)
+    assert packed.values.dtype == dtype
+    rounded = W.to(dtype).float()
+    for tokens in (1, 16):
+        x = torch.randn(tokens, 96)
+        assert_matches_dense(packed.linear(x), x, rounded, None)
+
+
+def test_format_sizes_follow_their_definitions():
+    W = sparse_weight(64, 256, 0.1, 0)
+    nnz = int((W != 0).sum())
+    assert K.pack(W, "csr16").nbytes == nnz * (4 + 2) + 65 * 4
+    assert K.pack(W, "bitmask").nbytes == nnz * 4 + 64 * 256 // 8 + 65 * 4
+    assert K.pack(W, "csr16", dtype=torch.float16).nbytes == nnz * (2 + 2) + 65 * 4
+
+
+def test_bad_input_names_the_layer_and_the_fix():
+    W = sparse_weight(8, 16, 0.9, 0)
+    with pytest.raises(PatternError, match="blk.*multiple of 3"):
+        K.pack(W, "nm", n=1, m=3, layer="blk")
+    with pytest.raises(PatternError, match="lay: not 2:4 sparse: row"):
+        K.pack(W, "nm", n=2, m=4, layer="lay")
+    with pytest.raises(PatternError, match="blocks of 3x4 must tile"):
+        K.pack(W, "block", block=(3, 4))
+    with pytest.raises(PatternError, match="unknown sparse format"):
+        K.pack(W, "coo")
+    with pytest.raises(PatternError, match="NaN"):
+        K.pack(torch.full((2, 2), float("nan")), "csr16")
+    with pytest.raises(PatternError, match="expects 16"):
+        K.pack(W, "csr16").linear(torch.randn(2, 15))
+
+
+def test_gradient_flows_to_the_input():
+    W = sparse_weight(16, 24, 0.5, 1)
+    bias = torch.randn(16, requires_grad=True)
+    x = torch.randn(5, 24, requires_grad=True)
+    K.pack(W, "csr16").linear(x, bias).square().sum().backward()
+    gx, gb = x.grad.clone(), bias.grad.clone()
+    x.grad = bias.grad = None
+    torch.nn.functional.linear(x, W, bias).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gb, bias.grad)
+
+
+def test_fallback_without_the_library_is_correct_and_warns_once(monkeypatch):
+    W = sparse_weight(20, 40, 0.3, 2)
+    x = torch.randn(3, 40)
+    monkeypatch.setattr(build, "_compiler", lambda: None)
+    build.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ys = [K.pack(W, fmt).linear(x) for fmt in ("csr16", "bitmask", "csr16")]
+        assert not K.available()
+        assert len([w for w in caught if "plain PyTorch" in str(w.message)]) == 1
+        for y in ys:
+            assert_matches_dense(y, x, W, None)
+    finally:
+        build.library.cache_clear()
+
+
+def test_a_failing_build_falls_back_instead_of_raising(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
+    monkeypatch.setattr(build, "FLAGS", [*build.FLAGS, "-mno-avx2"])  # the source refuses to compile
+    build.library.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="kernels unavailable"):
+            assert build.library() is None
+        assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+    finally:
+        build.library.cache_clear()
+
+
+def pruned_tiny_lm(arch: str = "llama", sparsity: float = 0.8):
+    model = tiny_causal_lm(TinySpec(arch=arch))
+    prune_decoder(model, None, "magnitude", sparsity, progress=False)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_accelerate_swaps_pruned_layers_only_and_keeps_outputs_and_generation(arch):
+    model = pruned_tiny_lm(arch)
+    dense = copy.deepcopy(model)
+    head = model.lm_head
+    report = K.accelerate(model, tokens=1, min_speedup=0.0, use_cache=False, progress=False)
+    swapped = {d.name for d in report.swapped}
+    assert swapped and all(isinstance(model.get_submodule(n), K.SparseLinear) for n in swapped)
+    decision = next(d for d in report.layers if d.name == "lm_head")
+    assert decision.format is None and "not sparse enough" in decision.reason
+    assert model.lm_head is head  # the unpruned layer is untouched
+    ids = torch.randint(0, 90, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False),
+                           dense.generate(ids[:1], max_new_tokens=6, do_sample=False))
+
+
+def test_accelerate_keeps_dense_what_is_not_faster():
+    model = pruned_tiny_lm()
+    report = K.accelerate(model, tokens=1, min_speedup=1e9, use_cache=False, progress=False)
+    assert not report.swapped
+    assert not any(isinstance(m, K.SparseLinear) for m in model.modules())
+    assert all("kept dense" in d.reason for d in report.layers)
+
+
+def test_accelerate_measures_the_token_count_each_layer_sees():
+    model = pruned_tiny_lm()
+    ids = torch.randint(0, 90, (2, 12))
+    report = K.accelerate(model, example_input={"input_ids": ids}, min_speedup=0.0, use_cache=False, progress=False)
+    assert {d.tokens for d in report.layers} == {24}
+
+
+def test_accelerate_rejects_unknown_names_and_formats():
+    model = pruned_tiny_lm()
+    with pytest.raises(SparsecraftError, match="no module named 'model.nope'"):
+        K.accelerate(model, names=["model.nope"], progress=False)
+    with pytest.raises(SparsecraftError, match="unknown sparse format"):
+        K.accelerate(model, formats=["coo"], progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_sparse_checkpoint_round_trip_without_dense_weights(arch, tmp_path, monkeypatch):
+    model = pruned_tiny_lm(arch)
+    K.accelerate(model, tokens=1, min_speedup=0.0, use_cache=False, progress=False)
+    out = K.save_sparse(model, tmp_path / "sparse")
+    densified = []
+    monkeypatch.setattr(K.SparseWeight, "to_dense", lambda self: densified.append(1) or pytest.fail("materialised"))
+    loaded = K.load_sparse(out)
+    ids = torch.randint(0, 90, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert not densified
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_sparse_checkpoint_size_is_proportional_to_kept_weights(tmp_path):
+    sizes = {}
+    for sparsity in (0.5, 0.9):
+        model = pruned_tiny_lm(sparsity=sparsity)
+        K.accelerate(model, tokens=1, formats=["csr16"], min_speedup=0.0, max_density=1.0, use_cache=False, progress=False)
+        model.lm_head = torch.nn.Identity()  # only the sparse layers and the embedding remain
+        sizes[sparsity] = (K.save_sparse(model, tmp_path / str(sparsity)) / "sparse_model.safetensors").stat().st_size
+    embedding = 96 * 64 * 4
+    assert (sizes[0.9] - embedding) < 0.35 * (sizes[0.5] - embedding)  # 0.1 vs 0.5 kept, plus row pointers and header
+
+
+def test_corrupted_or_truncated_checkpoints_are_refused(tmp_path):
+    model = pruned_tiny_lm()
+    K.accelerate(model, tokens=1, min_speedup=0.0, use_cache=False, progress=False)
+    out = K.save_sparse(model, tmp_path / "sparse")
+    path = out / "sparse_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SparsecraftError, match="checksum"):
+        K.load_sparse(out)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(SparsecraftError, match="truncated or corrupted"):
+        K.load_sparse(out)
+    with pytest.raises(SparsecraftError, match="exists and is not empty"):
+        K.save_sparse(model, out)

@@ -16,10 +16,13 @@ from sparsecraft.demo import (
     DemoConfig,
     TrainingStageConfig,
     demo_table,
+    acceleration_table,
+    demo_models,
     language_model_table,
     plot_training_stage,
+    prune_language_model,
+    run_acceleration_stage,
     run_demo,
-    run_language_model_stage,
     run_training_stage,
     training_table,
 )
@@ -36,7 +39,8 @@ def demo_command(
     """Digits CNN: (1) one-shot pruning at 50/80/90% with uniform and ERK, fine-tuned;
     (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%;
     (3) dynamic sparse training: static ERK vs SET vs RigL at 90%, and 2:4 with SR-STE;
-    (4) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda."""
+    (4) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda;
+    (5) that model on the sparse CPU kernels: per-layer and whole-forward speed, dense vs sparse."""
     progress = not quiet and console.is_terminal
     start = time.perf_counter()
     console.rule("stage 1: one-shot magnitude pruning")
@@ -56,14 +60,21 @@ def demo_command(
         dynamic, len(stage3.seeds), title="sparsecraft demo: sparse-to-sparse training of the digits CNN",
         caption="SET regrows at random, RigL where the dense gradient is largest; 2:4 keeps 2 of every 4 weights"))
     lm = None
+    accelerated: list = []
+    decisions: list = []
     if language_model and importlib.util.find_spec("transformers") is None:
         console.print("[yellow]stage 4 skipped: it needs transformers (pip install 'sparsecraft[hf]')[/]")
     elif language_model:
         console.rule("stage 4: one-shot pruning of a language model")
-        lm = run_language_model_stage(progress=progress, log=console.print)
+        lm, pruned = prune_language_model(progress=progress, log=console.print)
         console.print(language_model_table(lm))
+        console.rule("stage 5: the pruned models on the sparse CPU kernels")
+        accelerated, decisions = run_acceleration_stage(demo_models(pruned, f"{lm.method} {lm.sparsity:.0%}"), progress=progress,
+                                                        log=console.print)
+        console.print(acceleration_table(accelerated))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
     if json_out is not None:
         results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained],
-                   "dynamic_sparse_training": [asdict(r) for r in dynamic], "language_model": asdict(lm) if lm else None}
+                   "dynamic_sparse_training": [asdict(r) for r in dynamic], "language_model": asdict(lm) if lm else None,
+                   "acceleration": [asdict(r) | {"speedup": r.speedup} for r in accelerated], "acceleration_layers": decisions}
         write_text_atomic(json_out, json.dumps(results, indent=2))

@@ -103,6 +103,12 @@ def load_demo_model(config: LanguageModelStageConfig, calib_text: str, log: Call
 
 def run_language_model_stage(config: LanguageModelStageConfig = LanguageModelStageConfig(), progress: bool = True,
                              log: Callable[[str], Any] = print) -> LanguageModelResult:
+    return prune_language_model(config, progress, log)[0]
+
+
+def prune_language_model(config: LanguageModelStageConfig = LanguageModelStageConfig(), progress: bool = True,
+                         log: Callable[[str], Any] = print) -> tuple[LanguageModelResult, torch.nn.Module]:
+    """The stage's result and the pruned model itself (the acceleration stage runs it next)."""
     calib_text, eval_text, texts = demo_texts()
     model, tokenizer, name = load_demo_model(config, calib_text, log)
     log(f"model: {name}")
@@ -114,7 +120,7 @@ def run_language_model_stage(config: LanguageModelStageConfig = LanguageModelSta
     prune_decoder(model, samples, config.method, config.sparsity, progress=progress)
     seconds = time.perf_counter() - start
     pruned = perplexity(model, windows, batch_size=1, progress=progress)
-    return LanguageModelResult(name, texts, config.method, config.sparsity, dense, pruned, seconds)
+    return LanguageModelResult(name, texts, config.method, config.sparsity, dense, pruned, seconds), model
 
 
 def language_model_table(result: LanguageModelResult) -> Any:

@@ -41,8 +41,11 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None) -> tuple[nn.Module, Any]:
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, device: str | None = None,
+                   need_tokenizer: bool = True) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a model folder, a ``.gguf`` file, or a hub id (when a hub is reachable).
+
+    With ``need_tokenizer=False`` a model without a loadable tokenizer comes with ``None``.
 
     A GGUF file is de-quantized to ``dtype`` by transformers (needs the ``gguf`` package); a folder
     holding exactly one ``.gguf`` and no ``config.json`` is read the same way.
@@ -75,7 +78,7 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, devic
         config = transformers.AutoConfig.from_pretrained(location, **kwargs)
         check_supported(config.model_type)
         model = transformers.AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+        tokenizer = _tokenizer(transformers, location, kwargs, need_tokenizer)
     except SparsecraftError:
         raise
     except (OSError, ValueError, ImportError) as e:
@@ -87,6 +90,15 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32, devic
     if device is not None:
         model.to(device)
     return model, tokenizer
+
+
+def _tokenizer(transformers: Any, location: str, kwargs: dict, needed: bool) -> Any:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, ImportError):
+        if needed:
+            raise
+        return None
 
 
 def forget_gguf_quantization(model: nn.Module) -> None:

@@ -93,6 +93,17 @@ def test_half_precision_values_equal_the_product_with_rounded_weights(dtype, fmt
         assert_matches_dense(packed.linear(x), x, rounded, None)
 
 
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block"])
+def test_a_transposed_weight_view_packs_row_major(fmt):
+    """GPT-2's Conv1D hands over W as a transposed view: the arrays must still be row-major."""
+    W = sparse_weight(40, 24, 0.3, 3)
+    packed = K.pack(W.t().contiguous().t(), fmt)
+    assert all(t.is_contiguous() for t in packed.tensors.values())
+    x = torch.randn(5, 24)
+    for tokens in (1, 5):
+        assert_matches_dense(packed.linear(x[:tokens]), x[:tokens], W, None)
+
+
 def test_format_sizes_follow_their_definitions():
     W = sparse_weight(64, 256, 0.1, 0)
     nnz = int((W != 0).sum())

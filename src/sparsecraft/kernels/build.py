@@ -26,14 +26,14 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 2
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
-    "sc_csr16": [_p, _p, _p, _i32, _p, _p, _p, _i64, _i64, _i32],
-    "sc_bitmask": [_p, _p, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i32],
-    "sc_block": [_p, _p, _p, _i32, _i32, _i32, _p, _p, _p, _i64, _i64, _i32],
+    "sc_csr16": [_p, _p, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "sc_bitmask": [_p, _p, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "sc_block": [_p, _p, _p, _i32, _i32, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
 }
 
 
@@ -95,6 +95,7 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i32], None
         return lib
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         warnings.warn(f"sparsecraft kernels unavailable ({exc}); sparse layers use plain PyTorch (slower)", stacklevel=2)

@@ -128,7 +128,7 @@ def _check_weight(weight: Tensor, layer: str) -> Tensor:
         raise PatternError(f"{layer}: sparse formats take a 2-D (out, in) weight, got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
         raise PatternError(f"{layer}: weight dtype {weight.dtype} is not floating point")
-    w = weight.detach().cpu().float()
+    w = weight.detach().cpu().float().contiguous()  # e.g. Conv1D's transposed view: the kernels need row-major arrays
     if not torch.isfinite(w).all():
         raise PatternError(f"{layer}: weight contains NaN or Inf")
     return w
@@ -147,7 +147,7 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
 def pack_bitmask(w: Tensor, dtype: torch.dtype, fmt: str = "bitmask", n: int = 0, m: int = 0) -> SparseWeight:
     out, inp = w.shape
     mask = w != 0
-    bits = np.packbits(mask.numpy(), axis=1, bitorder="little")
+    bits = np.ascontiguousarray(np.packbits(mask.numpy(), axis=1, bitorder="little"))
     tensors = {"row_ptr": _row_ptr(mask.sum(1)), "bits": torch.from_numpy(bits), "values": _padded_values(w[mask], dtype)}
     return SparseWeight(fmt, (out, inp), tensors, n, m)
 

@@ -7,6 +7,8 @@ fallback (no compiler, another device, autograd) uses torch.sparse CSR: slower, 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,6 +20,8 @@ from sparsecraft.kernels.formats import VALUE_DTYPES, SparseWeight
 
 #: Multiply-adds below which one more thread costs more than it saves (measured on 2 cores).
 MIN_WORK_PER_THREAD = 1 << 16
+#: Bytes of X one token tile may span (see token_tile); tuned by benchmarks/sparse_kernels.py runs.
+TILE_BYTES = int(os.environ.get("SPARSECRAFT_TILE_BYTES", 1 << 20))
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -96,10 +100,18 @@ def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
             xt = F.pad(xt, (0, 8 - in_features % 8))
     else:
         tp = (tokens + 7) // 8 * 8
-        xt = x.new_zeros(in_features, tp)
-        xt[:, :tokens] = x.t()
-    y = torch.empty(out_features, tp) if tokens > 1 else torch.empty(1, out_features)
-    rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out_features, tp, threads)
+        x = x if x.is_contiguous() else x.contiguous()
+        xt = torch.empty(in_features, tp)
+        library().sc_transpose_pad(x.data_ptr(), tokens, in_features, xt.data_ptr(), tp, threads)
+    y = torch.empty(tokens, out_features)
+    rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out_features, tp,
+            tokens, token_tile(in_features, tp), threads)
     if rc:
         raise RuntimeError(f"sparse kernel {sw.fmt} failed with code {rc}")
-    return y if tokens == 1 else y[:, :tokens].t().contiguous()
+    return y
+
+
+def token_tile(in_features: int, tp: int) -> int:
+    """Tokens per work item: a tile of X (in x tile floats) should stay in a core's L2 (512 KiB here)."""
+    tile = TILE_BYTES // (4 * in_features) // 8 * 8
+    return max(8, min(64, tile, tp))

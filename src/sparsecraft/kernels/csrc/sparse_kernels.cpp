@@ -1,9 +1,10 @@
 // sparsecraft CPU kernels: Y = W X + bias for a sparse W (out x in) and X given transposed.
 //
 // Layout shared by every kernel: xt is (in, tp) row-major (token t of input feature j at
-// xt[j * tp + t]), y is (out, tp). tp == 1 is the one-token decode case (memory-bound: read the
-// format once, in order); tp > 1 must be a multiple of 8 (the caller zero-pads) and is
-// compute-bound: each kept weight does a broadcast-FMA over a tile of tokens held in registers.
+// xt[j * tp + t], made by sc_transpose_pad), y is (tokens, out) like torch's F.linear. tp == 1
+// is the one-token decode case (memory-bound: read the format once, in order); tp > 1 is a
+// multiple of 8 (zero-padded tokens are computed but not stored) and compute-bound: each kept
+// weight does a broadcast-FMA over a tile of tokens held in registers.
 //
 // Values are float32, float16 or bfloat16 (vdtype 0, 1, 2), always accumulated in float32.
 // Compiled at first use by sparsecraft.kernels.build with -O3 -march=native -fopenmp; the
@@ -46,9 +47,16 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+// Writes the 8 tokens t0..t0+7 of output feature r into y (tokens, out), skipping the padding.
+inline void store_tokens(__m256 acc, float* y, int64_t r, int64_t out, int64_t t0, int64_t tokens) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    const int64_t n = tokens - t0 < 8 ? tokens - t0 : 8;
+    for (int64_t l = 0; l < n; ++l) y[(t0 + l) * out + r] = lanes[l];
+}
+
 // Work items for tp > 1: (token tile, row) pairs in tile-major order, so the threads sweep all
 // rows over one tile of X before the next and that tile stays in cache.
-constexpr int64_t kTile = 64;
 
 // ---- CSR with 16-bit column indices -----------------------------------------------------
 
@@ -81,7 +89,7 @@ void csr16_mv(const int32_t* rp, const uint16_t* cols, const void* vals, const f
 // when the tile is narrow (nv * u >= 4 chains in flight).
 template <int D, int NV, int U>
 inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xt,
-                           int64_t tp, int64_t t0, float* yrow, float b) {
+                           int64_t tp, int64_t t0, float* y, int64_t r, int64_t out, int64_t tokens, float b) {
     __m256 acc[U][NV];
     for (int u = 0; u < U; ++u)
         for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_set1_ps(u == 0 ? b : 0.0f);
@@ -100,25 +108,24 @@ inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const v
     for (int j = 0; j < NV; ++j) {
         __m256 s = acc[0][j];
         for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
-        _mm256_storeu_ps(yrow + t0 + 8 * j, s);
+        store_tokens(s, y, r, out, t0 + 8 * j, tokens);
     }
 }
 
 template <int D>
 void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
-              const float* bias, int64_t out, int64_t tp, int threads) {
-    const int64_t tiles = (tp + kTile - 1) / kTile;
+              const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+    const int64_t tiles = (tp + tile - 1) / tile;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
     for (int64_t item = 0; item < tiles * out; ++item) {
-        const int64_t r = item % out, t0 = (item / out) * kTile;
-        const int64_t width = tp - t0 < kTile ? tp - t0 : kTile;
+        const int64_t r = item % out, t0 = (item / out) * tile;
+        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
         const float b = bias ? bias[r] : 0.0f;
-        float* yrow = y + r * tp;
         int64_t t = t0;
-        for (; t + 64 <= t0 + width; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
-        for (; t + 32 <= t0 + width; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
-        for (; t + 16 <= t0 + width; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
-        for (; t + 8 <= t0 + width; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, yrow, b);
+        for (; t + 64 <= stop; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
+        for (; t + 32 <= stop; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
+        for (; t + 16 <= stop; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
+        for (; t + 8 <= stop; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
     }
 }
 
@@ -173,7 +180,7 @@ void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const
 
 template <int D, int NV>
 inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xt,
-                             int64_t tp, int64_t t0, float* yrow, float bias) {
+                             int64_t tp, int64_t t0, float* y, int64_t r, int64_t out, int64_t tokens, float bias) {
     __m256 acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = _mm256_set1_ps(bias);
     for (int64_t c = 0; c < row_bytes; ++c) {
@@ -186,24 +193,23 @@ inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, c
             for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[j]);
         }
     }
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(yrow + t0 + 8 * j, acc[j]);
+    for (int j = 0; j < NV; ++j) store_tokens(acc[j], y, r, out, t0 + 8 * j, tokens);
 }
 
 template <int D>
 void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
-                float* y, const float* bias, int64_t out, int64_t tp, int threads) {
-    const int64_t tiles = (tp + kTile - 1) / kTile;
+                float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+    const int64_t tiles = (tp + tile - 1) / tile;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
     for (int64_t item = 0; item < tiles * out; ++item) {
-        const int64_t r = item % out, t0 = (item / out) * kTile;
-        const int64_t stop = tp < t0 + kTile ? tp : t0 + kTile;
+        const int64_t r = item % out, t0 = (item / out) * tile;
+        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
         const float bv = bias ? bias[r] : 0.0f;
         const uint8_t* b = bits + r * row_bytes;
-        float* yrow = y + r * tp;
         int64_t t = t0;
-        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
-        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
-        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, yrow, bv);
+        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
+        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
+        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
     }
 }
 
@@ -233,7 +239,7 @@ void block_mv(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
 
 template <int D>
 void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
-              float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+              float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int threads) {
     const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
     const int64_t tiles = tp / 8;
     constexpr int kMaxBh = 16;
@@ -253,7 +259,7 @@ void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
                         acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j)), xv, acc[i]);
                 }
             }
-            for (int i = 0; i < rows; ++i) _mm256_storeu_ps(y + (br * bh + i0 + i) * tp + t0, acc[i]);
+            for (int i = 0; i < rows; ++i) store_tokens(acc[i], y, br * bh + i0 + i, out, t0, tokens);
         }
     }
 }
@@ -270,23 +276,24 @@ int dispatch(int vdtype, A... a) {
 
 template <int D> struct Csr16 {
     static void run(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
-                    const float* bias, int64_t out, int64_t tp, int threads) {
+                    const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
         if (tp == 1) csr16_mv<D>(rp, cols, vals, xt, y, bias, out, threads);
-        else csr16_mm<D>(rp, cols, vals, xt, y, bias, out, tp, threads);
+        else csr16_mm<D>(rp, cols, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct Bitmask {
     static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
-                    float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+                    float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
         if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
-        else bitmask_mm<D>(rp, bits, row_bytes, vals, xt, y, bias, out, tp, threads);
+        else bitmask_mm<D>(rp, bits, row_bytes, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct Block {
     static void run(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
-                    float* y, const float* bias, int64_t out, int64_t tp, int threads) {
+                    float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+        (void)tile;  // blocks reuse each x row over bh outputs already; one 8-token tile at a time
         if (tp == 1) block_mv<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, threads);
-        else block_mm<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, tp, threads);
+        else block_mm<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, tp, tokens, threads);
     }
 };
 
@@ -295,21 +302,36 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-int sc_abi_version() { return 1; }
+int sc_abi_version() { return 2; }
 
+// xt (in, tp) = x (tokens, in) transposed, tokens tokens..tp-1 zero. Blocks of 64 features keep
+// the 64 write streams in cache while x is read row by row.
+void sc_transpose_pad(const float* x, int64_t tokens, int64_t in, float* xt, int64_t tp, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t j0 = 0; j0 < in; j0 += 64) {
+        const int64_t j1 = in < j0 + 64 ? in : j0 + 64;
+        for (int64_t t = 0; t < tp; ++t)
+            for (int64_t j = j0; j < j1; ++j) xt[j * tp + t] = t < tokens ? x[t * in + j] : 0.0f;
+    }
+}
+
+// Every product: the format's arrays first, then xt, y (tokens, out), bias (may be null), out,
+// tp, tokens, the token tile (tp > 1) and the thread count.
 int sc_csr16(const int32_t* rp, const uint16_t* cols, const void* vals, int vdtype, const float* xt, float* y,
-             const float* bias, int64_t out, int64_t tp, int threads) {
-    return dispatch<Csr16>(vdtype, rp, cols, vals, xt, y, bias, out, tp, threads);
+             const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+    return dispatch<Csr16>(vdtype, rp, cols, vals, xt, y, bias, out, tp, tokens, tile, threads);
 }
 
 int sc_bitmask(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype,
-               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int threads) {
-    return dispatch<Bitmask>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, tp, threads);
+               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
+               int threads) {
+    return dispatch<Bitmask>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, tp, tokens, tile, threads);
 }
 
 int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw,
-             const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int threads) {
-    return dispatch<Block>(vdtype, brp, bcols, vals, bh, bw, xt, y, bias, out, tp, threads);
+             const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
+             int threads) {
+    return dispatch<Block>(vdtype, brp, bcols, vals, bh, bw, xt, y, bias, out, tp, tokens, tile, threads);
 }
 
 }  // extern "C"

@@ -47,16 +47,21 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// Writes the 8 tokens t0..t0+7 of output feature r into y (tokens, out), skipping the padding.
-inline void store_tokens(__m256 acc, float* y, int64_t r, int64_t out, int64_t t0, int64_t tokens) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, acc);
-    const int64_t n = tokens - t0 < 8 ? tokens - t0 : 8;
-    for (int64_t l = 0; l < n; ++l) y[(t0 + l) * out + r] = lanes[l];
+// A work item computes a block of kRowGroup outputs x up to kMaxTile tokens into a local buffer
+// (row-major, contiguous per output), then writes it into y (tokens, out) token by token: each
+// token's kRowGroup outputs fill one 64-byte line, instead of one scattered store per output.
+constexpr int64_t kMaxTile = 64;
+
+inline void write_block(const float* buf, float* y, int64_t r0, int64_t rows, int64_t out, int64_t t0, int64_t t1,
+                        int64_t tokens) {
+    for (int64_t t = t0; t < (t1 < tokens ? t1 : tokens); ++t)
+        for (int64_t i = 0; i < rows; ++i) y[t * out + r0 + i] = buf[i * kMaxTile + (t - t0)];
 }
 
-// Work items for tp > 1: (token tile, row) pairs in tile-major order, so the threads sweep all
-// rows over one tile of X before the next and that tile stays in cache.
+// Work items for tp > 1: (token tile, group of 16 rows) in tile-major order, so the threads sweep
+// all rows over one tile of X before the next (the tile stays in cache), and each 64-byte line of
+// y (16 outputs of one token) is written by one thread only (no false sharing between cores).
+constexpr int64_t kRowGroup = 16;
 
 // ---- CSR with 16-bit column indices -----------------------------------------------------
 
@@ -89,7 +94,7 @@ void csr16_mv(const int32_t* rp, const uint16_t* cols, const void* vals, const f
 // when the tile is narrow (nv * u >= 4 chains in flight).
 template <int D, int NV, int U>
 inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xt,
-                           int64_t tp, int64_t t0, float* y, int64_t r, int64_t out, int64_t tokens, float b) {
+                           int64_t tp, int64_t t0, float* dst, float b) {
     __m256 acc[U][NV];
     for (int u = 0; u < U; ++u)
         for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_set1_ps(u == 0 ? b : 0.0f);
@@ -108,24 +113,31 @@ inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const v
     for (int j = 0; j < NV; ++j) {
         __m256 s = acc[0][j];
         for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
-        store_tokens(s, y, r, out, t0 + 8 * j, tokens);
+        _mm256_storeu_ps(dst + 8 * j, s);
     }
 }
 
 template <int D>
 void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
               const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    const int64_t tiles = (tp + tile - 1) / tile;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
-    for (int64_t item = 0; item < tiles * out; ++item) {
-        const int64_t r = item % out, t0 = (item / out) * tile;
-        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * groups; ++item) {
+      const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
+      const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+      const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
+      alignas(32) float buf[kRowGroup * kMaxTile];
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
         const float b = bias ? bias[r] : 0.0f;
+        float* dst = buf + i * kMaxTile - t0;
         int64_t t = t0;
-        for (; t + 64 <= stop; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
-        for (; t + 32 <= stop; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
-        for (; t + 16 <= stop; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
-        for (; t + 8 <= stop; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, y, r, out, tokens, b);
+        for (; t + 64 <= stop; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
+        for (; t + 32 <= stop; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
+        for (; t + 16 <= stop; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
+        for (; t + 8 <= stop; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
+      }
+      write_block(buf, y, r0, rows, out, t0, stop, tokens);
     }
 }
 
@@ -180,7 +192,7 @@ void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const
 
 template <int D, int NV>
 inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xt,
-                             int64_t tp, int64_t t0, float* y, int64_t r, int64_t out, int64_t tokens, float bias) {
+                             int64_t tp, int64_t t0, float* dst, float bias) {
     __m256 acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = _mm256_set1_ps(bias);
     for (int64_t c = 0; c < row_bytes; ++c) {
@@ -193,33 +205,43 @@ inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, c
             for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[j]);
         }
     }
-    for (int j = 0; j < NV; ++j) store_tokens(acc[j], y, r, out, t0 + 8 * j, tokens);
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(dst + 8 * j, acc[j]);
 }
 
 template <int D>
 void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
                 float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    const int64_t tiles = (tp + tile - 1) / tile;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 8)
-    for (int64_t item = 0; item < tiles * out; ++item) {
-        const int64_t r = item % out, t0 = (item / out) * tile;
-        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * groups; ++item) {
+      const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
+      const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+      const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
+      alignas(32) float buf[kRowGroup * kMaxTile];
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
         const float bv = bias ? bias[r] : 0.0f;
         const uint8_t* b = bits + r * row_bytes;
+        float* dst = buf + i * kMaxTile - t0;
         int64_t t = t0;
-        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
-        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
-        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, y, r, out, tokens, bv);
+        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
+        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
+        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
+      }
+      write_block(buf, y, r0, rows, out, t0, stop, tokens);
     }
 }
 
 // ---- Blocks of bh x bw (block-CSR over block rows, 32-bit block column indices) -------------
 
+// Enough block rows per chunk that one thread owns whole 64-byte lines of y.
+inline int block_rows_per_chunk(int bh) { return bh >= kRowGroup ? 1 : static_cast<int>(kRowGroup / bh); }
+
 template <int D>
 void block_mv(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* x,
               float* y, const float* bias, int64_t out, int threads) {
     const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, block_rows_per_chunk(bh))
     for (int64_t br = 0; br < brows; ++br) {
         for (int i = 0; i < bh; ++i) {
             __m256 a = _mm256_setzero_ps();
@@ -243,7 +265,7 @@ void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
     const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
     const int64_t tiles = tp / 8;
     constexpr int kMaxBh = 16;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 4)
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, block_rows_per_chunk(bh))
     for (int64_t item = 0; item < tiles * brows; ++item) {
         const int64_t br = item % brows, t0 = (item / brows) * 8;
         for (int i0 = 0; i0 < bh; i0 += kMaxBh) {
@@ -259,7 +281,9 @@ void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
                         acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j)), xv, acc[i]);
                 }
             }
-            for (int i = 0; i < rows; ++i) store_tokens(acc[i], y, br * bh + i0 + i, out, t0, tokens);
+            alignas(32) float buf[kMaxBh * kMaxTile];
+            for (int i = 0; i < rows; ++i) _mm256_store_ps(buf + i * kMaxTile, acc[i]);
+            write_block(buf, y, br * bh + i0, rows, out, t0, t0 + 8, tokens);
         }
     }
 }
@@ -304,14 +328,37 @@ extern "C" {
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
 int sc_abi_version() { return 2; }
 
-// xt (in, tp) = x (tokens, in) transposed, tokens tokens..tp-1 zero. Blocks of 64 features keep
-// the 64 write streams in cache while x is read row by row.
+// xt (in, tp) = x (tokens, in) transposed, tokens tokens..tp-1 zero: 8x8 blocks transposed in
+// registers (full 32-byte loads and stores), the ragged edges element by element.
 void sc_transpose_pad(const float* x, int64_t tokens, int64_t in, float* xt, int64_t tp, int threads) {
+    const int64_t full_t = tokens / 8 * 8, full_j = in / 8 * 8;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (int64_t j0 = 0; j0 < in; j0 += 64) {
-        const int64_t j1 = in < j0 + 64 ? in : j0 + 64;
-        for (int64_t t = 0; t < tp; ++t)
-            for (int64_t j = j0; j < j1; ++j) xt[j * tp + t] = t < tokens ? x[t * in + j] : 0.0f;
+    for (int64_t t0 = 0; t0 < tp; t0 += 8) {
+        if (t0 < full_t) {
+            for (int64_t j0 = 0; j0 < full_j; j0 += 8) {
+                __m256 r[8], u[8];
+                for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(x + (t0 + i) * in + j0);
+                for (int i = 0; i < 8; i += 2) {
+                    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+                    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    r[i] = _mm256_shuffle_ps(u[i], u[i + 2], 0x44);
+                    r[i + 1] = _mm256_shuffle_ps(u[i], u[i + 2], 0xEE);
+                    r[i + 2] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0x44);
+                    r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
+                }
+                for (int i = 0; i < 4; ++i) {
+                    _mm256_storeu_ps(xt + (j0 + i) * tp + t0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+                    _mm256_storeu_ps(xt + (j0 + i + 4) * tp + t0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+                }
+            }
+            for (int64_t j = full_j; j < in; ++j)
+                for (int64_t t = t0; t < t0 + 8; ++t) xt[j * tp + t] = x[t * in + j];
+        } else {
+            for (int64_t j = 0; j < in; ++j)
+                for (int64_t t = t0; t < t0 + 8; ++t) xt[j * tp + t] = t < tokens ? x[t * in + j] : 0.0f;
+        }
     }
 }
 

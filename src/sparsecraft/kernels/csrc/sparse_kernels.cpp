@@ -176,16 +176,25 @@ void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const
     for (int64_t r = 0; r < out; ++r) {
         const uint8_t* b = bits + r * row_bytes;
         int64_t off = rp[r];
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t c = 0;
-        for (; c + 2 <= row_bytes; c += 2) {
-            const unsigned m0 = b[c], m1 = b[c + 1];
-            const int64_t off1 = off + __builtin_popcount(m0);
+        for (; c + 4 <= row_bytes; c += 4) {  // four bytes (32 columns) per step, four independent sums
+            uint32_t word;
+            memcpy(&word, b + c, 4);
+            const unsigned m0 = word & 0xFF, m1 = (word >> 8) & 0xFF, m2 = (word >> 16) & 0xFF, m3 = word >> 24;
+            const int64_t o1 = off + __builtin_popcount(m0), o2 = o1 + __builtin_popcount(m1), o3 = o2 + __builtin_popcount(m2);
             a0 = _mm256_fmadd_ps(expand8<D>(vals, off, m0), _mm256_loadu_ps(x + 8 * c), a0);
-            a1 = _mm256_fmadd_ps(expand8<D>(vals, off1, m1), _mm256_loadu_ps(x + 8 * c + 8), a1);
-            off = off1 + __builtin_popcount(m1);
+            a1 = _mm256_fmadd_ps(expand8<D>(vals, o1, m1), _mm256_loadu_ps(x + 8 * c + 8), a1);
+            a2 = _mm256_fmadd_ps(expand8<D>(vals, o2, m2), _mm256_loadu_ps(x + 8 * c + 16), a2);
+            a3 = _mm256_fmadd_ps(expand8<D>(vals, o3, m3), _mm256_loadu_ps(x + 8 * c + 24), a3);
+            off += __builtin_popcount(word);
         }
-        if (c < row_bytes) a0 = _mm256_fmadd_ps(expand8<D>(vals, off, b[c]), _mm256_loadu_ps(x + 8 * c), a0);
+        for (; c < row_bytes; ++c) {
+            a0 = _mm256_fmadd_ps(expand8<D>(vals, off, b[c]), _mm256_loadu_ps(x + 8 * c), a0);
+            off += __builtin_popcount(b[c]);
+        }
+        a0 = _mm256_add_ps(a0, a2);
+        a1 = _mm256_add_ps(a1, a3);
         y[r] = hsum(_mm256_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
     }
 }

@@ -51,13 +51,10 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
     out_features, in_features = sw.shape
     if x.shape[-1] != in_features:
         raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
+    if not fast_path_applies(x, sw):
+        return _fallback(x, sw, bias)
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    if not fast_path_applies(x, sw):
-        y = torch.sparse.mm(sw.torch_csr().to(x.device), x2.float().t()).t()
-        if bias is not None:
-            y = y + bias.float()
-        return y.to(x.dtype).reshape(*lead, out_features)
     if x2.dtype != torch.float32:
         x2 = x2.float()
     if bias is not None and bias.dtype != torch.float32:
@@ -68,7 +65,16 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
         y = _kernel(x2, sw, bias)
     if y.dtype != x.dtype:
         y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.reshape(*lead, out_features)
+    return y if x.dim() == 2 else y.view(*lead, out_features)
+
+
+def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
+    """torch.sparse CSR on any device: slower than the kernels, never wrong."""
+    x2 = x.reshape(-1, sw.shape[1])
+    y = torch.sparse.mm(sw.torch_csr().to(x.device), x2.float().t()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], sw.shape[0])
 
 
 def _plan(sw: SparseWeight) -> tuple:

@@ -33,6 +33,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``, renamed to ``path`` only if the block succeeds.
+
+    ``path`` must not exist or be empty: an interrupted run leaves no folder that looks complete.
+    """
+    import shutil
+
+    from sparsecraft.errors import SparsecraftError
+
+    out = Path(path)
+    if out.exists() and any(out.iterdir()):
+        raise SparsecraftError(f"output folder {out} exists and is not empty; choose a new folder or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

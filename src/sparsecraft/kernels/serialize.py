@@ -12,8 +12,6 @@ layer is ever materialised. The folder is written under a temporary name and ren
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from torch import Tensor, nn
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.kernels.formats import SparseWeight
 from sparsecraft.kernels.modules import PREFIX, SparseLinear
+from sparsecraft.utils import atomic_folder
 
 FILE = "sparse_model.safetensors"
 FORMAT_VERSION = 1
@@ -38,7 +37,7 @@ def save_sparse(model: nn.Module, out: str | Path, tokenizer: Any = None) -> Pat
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):  # checked before the work, not only at the rename
         raise SparsecraftError(f"output folder {out} exists and is not empty; choose a new folder or remove it")
     modules = {name: {"format": m.fmt, "shape": [m.out_features, m.in_features], "n": m.n, "m": m.m, "block": list(m.block),
                       "arrays": list(m._names), "bias": m.bias is not None}
@@ -54,21 +53,13 @@ def save_sparse(model: nn.Module, out: str | Path, tokenizer: Any = None) -> Pat
         seen[key] = name
         tensors[name] = t.detach().cpu().contiguous()
     meta = {"version": FORMAT_VERSION, "modules": modules, "aliases": aliases, "crc32": {k: _crc(v) for k, v in tensors.items()}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_file(tensors, str(tmp / FILE), metadata={"sparsecraft": json.dumps(meta)})
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

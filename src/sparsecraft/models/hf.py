@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
+from sparsecraft.utils import atomic_folder
 
 #: model_type -> attribute path of the decoder blocks (an nn.ModuleList).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -178,23 +177,12 @@ def block_prefix(model: nn.Module, index: int) -> str:
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out: Path, extra_files: dict[str, str] | None = None) -> None:
     """Write the model (safetensors), its tokenizer and ``extra_files`` into a temporary folder
     beside ``out`` and rename it into place, so an interrupted run leaves no complete-looking folder."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise SparsecraftError(f"output folder {out} exists and is not empty; choose a new --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,22 @@ inline void write_block(const float* buf, float* y, int64_t r0, int64_t rows, in
 // y (16 outputs of one token) is written by one thread only (no false sharing between cores).
 constexpr int64_t kRowGroup = 16;
 
+// Runs row_fn(r, t0, stop, dst) for every output r and token tile [t0, stop), dst + t being where
+// token t of output r goes in the item's buffer; the items are (tile, group of kRowGroup rows).
+template <typename RowFn>
+void tiled_rows(int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads, float* y, RowFn row_fn) {
+    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * groups; ++item) {
+        const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
+        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+        const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
+        alignas(32) float buf[kRowGroup * kMaxTile];
+        for (int64_t i = 0; i < rows; ++i) row_fn(r0 + i, t0, stop, buf + i * kMaxTile - t0);
+        write_block(buf, y, r0, rows, out, t0, stop, tokens);
+    }
+}
+
 // ---- CSR with 16-bit column indices -----------------------------------------------------
 
 template <int D>
@@ -120,25 +136,14 @@ inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const v
 template <int D>
 void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
               const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
-    for (int64_t item = 0; item < tiles * groups; ++item) {
-      const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
-      const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
-      const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
-      alignas(32) float buf[kRowGroup * kMaxTile];
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t r = r0 + i;
+    tiled_rows(out, tp, tokens, tile, threads, y, [&](int64_t r, int64_t t0, int64_t stop, float* dst) {
         const float b = bias ? bias[r] : 0.0f;
-        float* dst = buf + i * kMaxTile - t0;
         int64_t t = t0;
         for (; t + 64 <= stop; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
         for (; t + 32 <= stop; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
         for (; t + 16 <= stop; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
         for (; t + 8 <= stop; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
-      }
-      write_block(buf, y, r0, rows, out, t0, stop, tokens);
-    }
+    });
 }
 
 // ---- Bitmask (one bit per weight, row-major) + packed values -------------------------------
@@ -220,25 +225,14 @@ inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, c
 template <int D>
 void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
                 float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
-    for (int64_t item = 0; item < tiles * groups; ++item) {
-      const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
-      const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
-      const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
-      alignas(32) float buf[kRowGroup * kMaxTile];
-      for (int64_t i = 0; i < rows; ++i) {
-        const int64_t r = r0 + i;
+    tiled_rows(out, tp, tokens, tile, threads, y, [&](int64_t r, int64_t t0, int64_t stop, float* dst) {
         const float bv = bias ? bias[r] : 0.0f;
         const uint8_t* b = bits + r * row_bytes;
-        float* dst = buf + i * kMaxTile - t0;
         int64_t t = t0;
         for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
         for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
         for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
-      }
-      write_block(buf, y, r0, rows, out, t0, stop, tokens);
-    }
+    });
 }
 
 // ---- Blocks of bh x bw (block-CSR over block rows, 32-bit block column indices) -------------

@@ -257,3 +257,17 @@ def test_corrupted_or_truncated_checkpoints_are_refused(tmp_path):
         K.load_sparse(out)
     with pytest.raises(SparsecraftError, match="exists and is not empty"):
         K.save_sparse(model, out)
+
+
+def test_demo_acceleration_stage_reports_every_projection_and_the_whole_forward():
+    from sparsecraft.demo import acceleration_table, demo_models, run_acceleration_stage
+
+    model = pruned_tiny_lm(sparsity=0.5)
+    rows, decisions = run_acceleration_stage(demo_models(model, "magnitude 50%"), progress=False, log=lambda _m: None)
+    assert {r.model for r in rows} == {"magnitude 50%", "magnitude 90% (speed only)"}
+    for label in ("magnitude 50%", "magnitude 90% (speed only)"):
+        parts = [r.part for r in rows if r.model == label]
+        assert parts[-1] == "whole forward" and {"q_proj", "down_proj"} <= set(parts)
+    sparser = next(r for r in rows if r.model.startswith("magnitude 90") and r.part == "q_proj")
+    assert sparser.density == pytest.approx(0.1, abs=0.01)  # the copy was pruned further, the original was not
+    assert len(decisions) == 2 * 15 and acceleration_table(rows).row_count == len(rows)

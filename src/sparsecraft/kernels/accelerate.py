@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,7 +204,11 @@ def accelerate(
         linears = [n for n in linears if n in names]
     per_layer = layer_tokens(model, example_input, linears) if example_input is not None else {}
     kernels = available()
-    cache = TimingCache() if use_cache else None
+    busy = _busy()
+    if busy:
+        warnings.warn(f"accelerate: the machine is busy (1-minute load {busy:.1f} on {os.cpu_count()} cores); the timings "
+                      "that decide each layer are unreliable and are not cached; run it again on a quiet machine", stacklevel=2)
+    cache = TimingCache() if use_cache and not busy else None
     decisions: list[LayerDecision] = []
     for name in progress_bar(linears, "accelerate", enabled=progress):
         module = modules[name]
@@ -228,6 +234,12 @@ def accelerate(
     if cache:
         cache.save()
     return AccelerationReport(decisions)
+
+
+def _busy() -> float:
+    """The 1-minute load average when other work competes for the cores (0.0 when quiet)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return load if load > (os.cpu_count() or 1) + 0.5 else 0.0
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

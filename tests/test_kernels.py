@@ -104,6 +104,14 @@ def test_a_transposed_weight_view_packs_row_major(fmt):
         assert_matches_dense(packed.linear(x[:tokens]), x[:tokens], W, None)
 
 
+def test_a_strided_bias_is_read_correctly():
+    W = sparse_weight(16, 32, 0.4, 4)
+    bias = torch.randn(32)[::2]  # a non-contiguous view
+    for tokens in (1, 9):
+        x = torch.randn(tokens, 32)
+        assert_matches_dense(K.pack(W, "csr16").linear(x, bias), x, W, bias)
+
+
 def test_format_sizes_follow_their_definitions():
     W = sparse_weight(64, 256, 0.1, 0)
     nnz = int((W != 0).sum())

@@ -16,6 +16,7 @@ import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -121,9 +122,14 @@ def layer_tokens(model: nn.Module, example_input: Tensor | dict, names: list[str
     return seen
 
 
+@lru_cache(maxsize=1)
+def _build_id() -> str:
+    """Hash of the kernels and their dispatch: when either changes, cached timings no longer apply."""
+    return hashlib.sha256(SOURCE.read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]
+
+
 def _key(kind: str, shape: tuple[int, int], density: float, tokens: int, dtype: torch.dtype) -> str:
-    build = hashlib.sha256(SOURCE.read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]  # kernels or dispatch changed: retime
-    return f"{build}|cold|{kind}|{shape[0]}x{shape[1]}|d{density:.2f}|T{tokens}|th{torch.get_num_threads()}|{str(dtype).split('.')[-1]}"
+    return f"{_build_id()}|cold|{kind}|{shape[0]}x{shape[1]}|d{density:.2f}|T{tokens}|th{torch.get_num_threads()}|{str(dtype).split('.')[-1]}"
 
 
 #: Bytes the timing copies of a layer span (twice the 32 MiB L3 of the machines here) and a cap on copies.
@@ -135,9 +141,8 @@ def _clone(sw: SparseWeight) -> SparseWeight:
     return SparseWeight(sw.fmt, sw.shape, {k: v.clone() for k, v in sw.tensors.items()}, sw.n, sw.m, sw.block)
 
 
-def _decide(name: str, W: Tensor, bias: Tensor | None, tokens: int, options: list[tuple[str, dict]], dtype: torch.dtype,
-            min_speedup: float, cache: TimingCache | None) -> tuple[LayerDecision, SparseWeight | None]:
-    density = float((W != 0).float().mean())
+def _decide(name: str, W: Tensor, density: float, bias: Tensor | None, tokens: int, options: list[tuple[str, dict]],
+            dtype: torch.dtype, min_speedup: float, cache: TimingCache | None) -> tuple[LayerDecision, SparseWeight | None]:
     decision = LayerDecision(name, tuple(W.shape), density, tokens)
     packed = {fmt: pack(W, fmt, dtype=dtype, layer=name, **kw) for fmt, kw in options}
     x = torch.randn(tokens, W.shape[1])
@@ -227,7 +232,7 @@ def accelerate(
         if not options:
             decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t, reason="no requested format fits this layer"))
             continue
-        decision, sparse = _decide(name, W, module.bias, layer_t, options, dtype, min_speedup, cache)
+        decision, sparse = _decide(name, W, density, module.bias, layer_t, options, dtype, min_speedup, cache)
         decisions.append(decision)
         if sparse is not None:
             _replace(model, name, SparseLinear(sparse, module.bias))

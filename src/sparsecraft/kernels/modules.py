@@ -56,16 +56,7 @@ class SparseLinear(nn.Module):
         return cached
 
     def forward(self, x: Tensor) -> Tensor:
-        # the cached view is dropped whenever the buffers may have been replaced (_apply, state-dict loads)
-        return sparse_linear(x, self._cached or self.sparse, self.bias)
-
-    def _apply(self, fn, recurse: bool = True):  # .to(), .float(), .cuda(), ...
-        self._cached = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._cached = None
-        super()._load_from_state_dict(*args, **kwargs)
+        return sparse_linear(x, self.sparse, self.bias)
 
     def to_dense(self) -> Tensor:
         return self.sparse.to_dense()

@@ -24,10 +24,6 @@ MIN_WORK_PER_THREAD = 1 << 16
 TILE_BYTES = int(os.environ.get("SPARSECRAFT_TILE_BYTES", 1 << 20))
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def fast_path_applies(x: Tensor, sw: SparseWeight) -> bool:
     """Compiled kernels run on CPU tensors; anything else (CUDA, no compiler) takes the fallback."""
     return x.is_cpu and sw.values.is_cpu and library() is not None
@@ -39,7 +35,7 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, sw: SparseWeight) -> Tensor:  # type: ignore[override]
         ctx.sw, ctx.has_bias = sw, bias is not None
-        return _kernel(x.float(), sw, None if bias is None else bias.detach().float().contiguous())
+        return _kernel(x, sw, bias)  # sparse_linear already made x and bias float32
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:  # type: ignore[override]
@@ -94,11 +90,13 @@ def _plan(sw: SparseWeight) -> tuple:
 
 
 def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
-    fn, prefix, _ = _plan(sw)
+    fn, prefix, nnz = _plan(sw)
     tokens, in_features = x.shape
     out_features = sw.shape[0]
     # waking a second thread costs microseconds (a time slice on a busy machine): small products run on one
-    threads = max(1, min(torch.get_num_threads(), sw._plan[2] * max(tokens, 8) // MIN_WORK_PER_THREAD))
+    threads = max(1, min(torch.get_num_threads(), nnz * max(tokens, 8) // MIN_WORK_PER_THREAD))
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # held in a local: a temporary's pointer would dangle during the call
     if tokens == 1:
         tp = 1
         xt = x if x.is_contiguous() else x.contiguous()
@@ -110,7 +108,7 @@ def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
         xt = torch.empty(in_features, tp)
         library().sc_transpose_pad(x.data_ptr(), tokens, in_features, xt.data_ptr(), tp, threads)
     y = torch.empty(tokens, out_features)
-    rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out_features, tp,
+    rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr(), out_features, tp,
             tokens, token_tile(in_features, tp), threads)
     if rc:
         raise RuntimeError(f"sparse kernel {sw.fmt} failed with code {rc}")

@@ -9,7 +9,7 @@ skips what is there, so the grid can be filled over several sessions.
     python benchmarks/oneshot_llm.py                       # the whole grid (hours on 2 cores)
     python benchmarks/oneshot_llm.py --settings 0.5,2:4 --variants plain --methods wanda,sparsegpt
     python benchmarks/oneshot_llm.py --table               # markdown table of what is recorded
-    touch benchmarks/results/PAUSE                         # hold the grid between jobs (rm to resume)
+    touch benchmarks/results/PAUSE-oneshot_llm             # hold this grid between jobs (rm to resume)
 
 llm-compressor lives in benchmarks/.venvs/llmcompressor (made by peers/setup_llmcompressor.sh).
 """
@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 PEER_PYTHON = HERE / ".venvs" / "llmcompressor" / "bin" / "python"
 #: While this file exists the driver starts no new job (touch it before timing anything else).
-PAUSE = HERE / "results" / "PAUSE"
+PAUSE = HERE / "results" / "PAUSE-oneshot_llm"  # one file per driver: pausing one grid never holds another
 DEFAULT_CALIB_BATCH = 8
 
 

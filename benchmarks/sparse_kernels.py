@@ -21,7 +21,7 @@ skips cells already there (a skipped format's row counts as done: delete it to r
     python benchmarks/sparse_kernels.py --shapes 4096x4096 --tokens 1 --settings 0.9,2:4
     python benchmarks/sparse_kernels.py --quick                  # smoke test (own results file)
     python benchmarks/sparse_kernels.py --table [--plot speedup.png]
-    touch benchmarks/results/PAUSE                               # hold the grid between cells
+    touch benchmarks/results/PAUSE-sparse_kernels              # hold this grid between cells
 
 ONNX Runtime and DeepSparse live in benchmarks/.venvs/deepsparse (made by
 peers/setup_deepsparse.sh) and run in one subprocess per shape (peers/onnx_linear.py).
@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 PEER_PYTHON = HERE / ".venvs" / "deepsparse" / "bin" / "python"
 PEER_SCRIPT = HERE / "peers" / "onnx_linear.py"
 #: While this file exists the driver starts no new cell (touch it before timing anything else).
-PAUSE = HERE / "results" / "PAUSE"
+PAUSE = HERE / "results" / "PAUSE-sparse_kernels"  # one file per driver
 MAX_REL_ERROR = 1e-3
 MIB = 1 << 20
 DEFAULTS = {"shapes": "768x3072,3072x768,4096x4096", "tokens": "1,8,64,256",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.kernels import ops
-from sparsecraft.kernels.build import SOURCE, available
+from sparsecraft.kernels.build import SOURCES, available
 from sparsecraft.kernels.formats import FORMATS, SparseWeight, pack
 from sparsecraft.kernels.modules import SparseLinear, dense_weight, is_conv1d
 from sparsecraft.kernels.timing import TimingCache, interleaved_medians
@@ -125,7 +125,7 @@ def layer_tokens(model: nn.Module, example_input: Tensor | dict, names: list[str
 @lru_cache(maxsize=1)
 def _build_id() -> str:
     """Hash of the kernels and their dispatch: when either changes, cached timings no longer apply."""
-    return hashlib.sha256(SOURCE.read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]
+    return hashlib.sha256(SOURCES[0].read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]
 
 
 def _key(kind: str, shape: tuple[int, int], density: float, tokens: int, dtype: torch.dtype) -> str:

@@ -25,8 +25,8 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "sparse_kernels.cpp"
-ABI_VERSION = 2
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
+ABI_VERSION = 3
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -63,7 +63,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("sparsecraft kernels: no C++ compiler or not x86-64; sparse layers use plain PyTorch (slower)", stacklevel=2)
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
     target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
@@ -96,6 +96,8 @@ def library() -> ctypes.CDLL | None:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
         lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i32], None
+        lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
+        lib.sc_colskip.restype = _i64
         return lib
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         warnings.warn(f"sparsecraft kernels unavailable ({exc}); sparse layers use plain PyTorch (slower)", stacklevel=2)

@@ -329,7 +329,7 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-int sc_abi_version() { return 2; }
+int sc_abi_version() { return 3; }  // 3: activation_kernels.cpp (sc_colskip) in the same library
 
 // xt (in, tp) = x (tokens, in) transposed, tokens tokens..tp-1 zero: 8x8 blocks transposed in
 // registers (full 32-byte loads and stores), the ragged edges element by element.

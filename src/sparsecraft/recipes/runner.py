@@ -200,6 +200,15 @@ class Run:
                 finetune_fraction=s.finetune_fraction, structure_decay=s.structure_decay,
                 **{k: v for k, v in _prune_options(r).items() if k != "pattern"},
             )
+        act = r.activation  # ProSparse: ReLU before training, L1 on the activations during it, FATReLU after
+        from sparsecraft.methods.activation.relufication import ActivationL1, ProSparseSchedule, relufy, shift_threshold
+
+        if act.relufy:
+            self.log(f"relufy: {len(relufy(model, act.modules))} activations replaced by ReLU")
+        l1 = None
+        if act.l1_stages is not None:
+            schedule = ProSparseSchedule(act.l1_stages, act.l1_initial, act.l1_warmup_steps)
+            l1 = ActivationL1(model, schedule, act.modules, act.l1_reduction)
         start_epoch = 0
         if resume:
             state = torch.load(self.output / "checkpoint.pt", weights_only=False)
@@ -208,6 +217,8 @@ class Run:
             scheduler.load_state_dict(state["scheduler"])
             if sparsifier is not None:
                 sparsifier.load_state_dict(state["sparsifier"])
+            if l1 is not None:
+                l1.load_state_dict(state["activation_l1"])
             torch.set_rng_state(state["rng"])
             if self.flops is not None and state.get("flops"):
                 self.flops.load_state_dict(state["flops"])
@@ -222,11 +233,14 @@ class Run:
             nonlocal stopped
             acc = evaluate(model, split.x_test, split.y_test)
             sparsity = selection_sparsity(model, selection)
-            self._metrics(epoch=epoch + 1, loss=loss, accuracy=acc, sparsity=sparsity, lr=scheduler.get_last_lr()[0])
+            # the hooks hold the last forward, i.e. the last evaluation batch
+            extra = {"activation_zeros": l1.zero_fraction(), "l1_lambda": l1.lam} if l1 is not None else {}
+            self._metrics(epoch=epoch + 1, loss=loss, accuracy=acc, sparsity=sparsity, lr=scheduler.get_last_lr()[0], **extra)
             self._save_checkpoint({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "sparsifier": sparsifier.state_dict() if sparsifier else None, "rng": torch.get_rng_state(), "epoch": epoch,
                 "flops": self.flops.state_dict() if self.flops else None,
+                "activation_l1": l1.state_dict() if l1 is not None else None,
             })
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 stopped = True
@@ -236,13 +250,19 @@ class Run:
             self._account(model, sparsifier, step, len(split.x_train))
             if sparsifier is not None:
                 sparsifier.step()
+            if l1 is not None:
+                l1.step()
 
         try:
             fit(model, split.x_train, split.y_train, optimizer, r.train.epochs, r.train.batch_size, seed=r.seed,
                 on_step=on_step, progress=self.progress, description=s.method,
-                scheduler=scheduler, start_epoch=start_epoch, on_epoch_end=on_epoch_end)
+                scheduler=scheduler, start_epoch=start_epoch, on_epoch_end=on_epoch_end,
+                extra_loss=l1.penalty if l1 is not None else None)
         except _Stop:
             pass
+        finally:
+            if l1 is not None:
+                l1.remove()
         if stopped:
             return None
         if isinstance(sparsifier, NMTraining):
@@ -254,6 +274,8 @@ class Run:
             fit(model, split.x_train, split.y_train, dense_opt, s.dense_epochs, r.train.batch_size, seed=r.seed + 1,
                 on_step=lambda step: self._account(model, None, step, len(split.x_train)),
                 progress=self.progress, description="spdf dense")
+        if act.fatrelu is not None:
+            self.log(f"FATReLU: threshold {act.fatrelu} on {len(shift_threshold(model, act.fatrelu, act.modules))} activations")
         return model
 
     def _run_multi(self, model: nn.Module, split: Split) -> nn.Module:

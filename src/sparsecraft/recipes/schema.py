@@ -97,6 +97,29 @@ SIFT_METHODS = ("static", "random", "set", "rigl")
 
 
 @dataclass
+class ActivationSection:
+    """Activation sparsity by training, ProSparse-style (``methods/activation/relufication.py``).
+
+    ``relufy``: activations become ReLU before training; ``l1_stages`` ([[steps, lambda], ...],
+    after ``l1_warmup_steps`` at ``l1_initial``): the progressive L1 penalty on the activation
+    outputs during training; ``fatrelu``: the threshold of the FATReLU that replaces the ReLUs after
+    training. ``modules``: which activation modules (names or globs; default all of them).
+    """
+
+    relufy: bool = False
+    modules: Optional[list[str]] = None
+    l1_stages: Optional[list[list[Union[int, float]]]] = None
+    l1_warmup_steps: int = 0
+    l1_initial: float = 0.0
+    l1_reduction: str = "mean"
+    fatrelu: Optional[float] = None
+
+    @property
+    def active(self) -> bool:
+        return self.relufy or self.l1_stages is not None or self.fatrelu is not None
+
+
+@dataclass
 class Recipe:
     model: str = "cnn"
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -105,6 +128,7 @@ class Recipe:
     seed: int = 0
     train: TrainSection = field(default_factory=TrainSection)
     sparsity: SparsitySection = field(default_factory=SparsitySection)
+    activation: ActivationSection = field(default_factory=ActivationSection)
     output: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,8 +254,28 @@ def _check_values(recipe: Recipe, where) -> None:
                               f"{', '.join(SIFT_METHODS)} (got {s.method})")
     if recipe.train.epochs < 1:
         raise RecipeError(f"{where(['train', 'epochs'])}: train.epochs must be >= 1")
+    _check_activation(recipe, where)
     if s.method == "gmp" and isinstance(s.start, float) and isinstance(s.end, float) and not 0.0 <= s.start <= s.end <= 1.0:
         raise RecipeError(f"{where(['sparsity', 'end'])}: gmp needs 0 <= start <= end <= 1 as fractions of training")
+
+
+def _check_activation(recipe: Recipe, where) -> None:
+    a = recipe.activation
+    if not a.active:
+        return
+    if recipe.sparsity.method in ("imp", "sms"):
+        raise RecipeError(f"{where(['activation'])}: the activation section runs with single-run methods, not {recipe.sparsity.method}")
+    from sparsecraft.methods.activation.relufication import REDUCTIONS, FATReLU, ProSparseSchedule
+
+    checks = [("l1_stages", lambda: ProSparseSchedule(a.l1_stages, a.l1_initial, a.l1_warmup_steps)), ("fatrelu", lambda: FATReLU(a.fatrelu))]
+    for key, check in checks:
+        if getattr(a, key) is not None:
+            try:
+                check()
+            except SparsecraftError as e:
+                raise RecipeError(f"{where(['activation', key])}: activation.{key}: {e}") from None
+    if a.l1_reduction not in REDUCTIONS:
+        raise RecipeError(f"{where(['activation', 'l1_reduction'])}: activation.l1_reduction {a.l1_reduction!r} is not one of {', '.join(REDUCTIONS)}")
 
 
 def load_recipe(path: str | Path) -> Recipe:

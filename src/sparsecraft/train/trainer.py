@@ -68,6 +68,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    extra_loss: Callable[[], Tensor] | None = None,
 ) -> list[float]:
     """Train with cross-entropy; returns the mean loss of each epoch run.
 
@@ -75,7 +76,9 @@ def fit(
     order depends only on ``seed`` and the epoch, so a run resumed at ``start_epoch`` (with the
     model, optimizer and scheduler state restored) continues exactly as the uninterrupted one.
     ``on_step(step)`` runs after every optimizer step (a sparsifier's ``step()`` goes there),
-    ``on_epoch_end(epoch, loss)`` after every epoch (checkpoints, metrics).
+    ``on_epoch_end(epoch, loss)`` after every epoch (checkpoints, metrics). ``extra_loss()``, called
+    after each forward, is added to the loss that is minimised (a regularizer that reads the forward,
+    such as ``ActivationL1.penalty``); the returned history is the task loss alone.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -95,8 +98,9 @@ def fit(
             for i in range(0, len(x), batch_size):
                 idx = order[i : i + batch_size]
                 loss = task_loss(model(x[idx].to(device)), y[idx].to(device))
+                objective = loss if extra_loss is None else loss + extra_loss()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.backward()
                 optimizer.step()
                 scheduler.step()
                 step += 1

@@ -30,17 +30,22 @@ def save_activation_sparse(model: nn.Module, tokenizer: Any, plan: ActivationSpa
                            extra: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (its plain weights), ``tokenizer`` and ``plan`` into the folder ``out``."""
     out = Path(out)
-    tensors = {key: t.contiguous() for r in plan.rules for key, t in r.tensors().items()}
-    config = {"format_version": FORMAT_VERSION, **plan.config(), **(extra or {})}
     with atomic_folder(out) as tmp:
         # weights stored column-major for the kernels are written in the usual row-major layout
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file(tensors, str(tmp / TENSORS))
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+        write_plan(plan, tmp, extra)
     return out
+
+
+def write_plan(plan: ActivationSparsityPlan, folder: Path, extra: dict[str, Any] | None = None) -> None:
+    """The plan's two files (config and tensors) into an existing ``folder``; ``read_plan`` reads them back."""
+    tensors = {key: t.contiguous() for r in plan.rules for key, t in r.tensors().items()}
+    config = {"format_version": FORMAT_VERSION, **plan.config(), **(extra or {})}
+    save_file(tensors, str(folder / TENSORS))
+    (folder / CONFIG).write_text(json.dumps(config, indent=2))
 
 
 def read_plan(folder: str | Path) -> ActivationSparsityPlan:

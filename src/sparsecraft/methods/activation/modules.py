@@ -70,7 +70,7 @@ class ActivationSparseLinear(nn.Module):
         self.mode = _check_mode(mode)
         self.everywhere = False  # set by sparsify_everywhere()
         self._plan: ColumnSkipPlan | None = None
-        self._plan_key: tuple = ()
+        self._plan_key = 0  # torch's thread count the plan was sized for
 
     @property
     def rule(self) -> str:
@@ -93,19 +93,24 @@ class ActivationSparseLinear(nn.Module):
             return mask.scatter_(-1, score.topk(self.k, dim=-1).indices, True)
         return score > (0.0 if self.tau is None else self.tau)
 
-    def _column_skip(self) -> ColumnSkipPlan:
-        key = (self.weight.data_ptr(), self.weight.stride(), None if self.bias is None else self.bias.data_ptr(),
-               *(None if t is None else t.data_ptr() for t in (self.tau, self.scale)), self.k, torch.get_num_threads())
-        if self._plan is None or key != self._plan_key:
-            self._plan, self._plan_key = ColumnSkipPlan(self._wt(), self.bias, self.scale, self.tau, self.k), key
+    def _column_skip(self, x: Tensor) -> ColumnSkipPlan | None:
+        """The kernel plan for a one-token call, rebuilt when a tensor it points into was replaced."""
+        plan = self._plan
+        if plan is not None and plan.wt.data_ptr() == self.weight.data_ptr() and self._plan_key == torch.get_num_threads():
+            return plan
+        if not (column_skip_available(x) and self.weight.dtype == torch.float32 and self.weight.is_cpu
+                and (self._wt().stride(1) == 1 or self.out_features == 1)):
+            return None
+        self._plan, self._plan_key = ColumnSkipPlan(self._wt(), self.bias, self.scale, self.tau, self.k), torch.get_num_threads()
         return self._plan
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+            plan = self._column_skip(x)  # one token: sparsified in every mode (decode is what "decode" means)
+            if plan is not None:
+                return plan(x.contiguous()).view(x.shape[:-1] + (self.out_features,))
         if not (self.mode == "all" or self.everywhere or _is_one_position(x)):
             return self.dense(x)
-        if (x.numel() == self.in_features and not (torch.is_grad_enabled() and x.requires_grad)
-                and self.weight.dtype == torch.float32 and column_skip_available(x) and (self._wt().stride(1) == 1 or self.out_features == 1)):
-            return self._column_skip()(x.contiguous()).view(x.shape[:-1] + (self.out_features,))
         return self.dense(x * self.keep_mask(x))
 
     def extra_repr(self) -> str:

@@ -251,3 +251,22 @@ def test_cli_actsparse_json_evaluates_saves_and_times(tmp_path):
     assert (out / "activation_sparsity.json").is_file()
     bad = runner.invoke(app, ["actsparse", str(folder), "--method", "chess", "--sparsity", "0.5"])
     assert bad.exit_code == 2 and "--calib" in bad.output
+
+
+def test_chess_row_skipping_mlp_equals_the_masked_product_at_one_token():
+    from sparsecraft.methods.activation.modules import RowSkipGatedMLP
+
+    model = tiny_causal_lm(TinySpec(arch="llama"))
+    reference_model = tiny_causal_lm(TinySpec(arch="llama"))
+    sparsify_activations(model, windows(), "chess", 0.5, progress=False)
+    mlp = model.model.layers[0].mlp
+    assert isinstance(mlp, RowSkipGatedMLP)
+    ref = reference_model.model.layers[0].mlp
+    tau = mlp.act_fn.tau
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        a = ref.act_fn(ref.gate_proj(x))
+        expected = ref.down_proj((a * (a.abs() > tau)) * ref.up_proj(x))
+        assert torch.allclose(mlp(x), expected, atol=1e-5, rtol=1e-5)
+    keys = set(reference_model.state_dict())
+    assert set(model.state_dict()) == keys  # the wrapper keeps every parameter name

@@ -98,6 +98,7 @@ def library() -> ctypes.CDLL | None:
         lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i32], None
         lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
         lib.sc_colskip.restype = _i64
+        lib.sc_gated_rows.argtypes, lib.sc_gated_rows.restype = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32], None
         return lib
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         warnings.warn(f"sparsecraft kernels unavailable ({exc}); sparse layers use plain PyTorch (slower)", stacklevel=2)

@@ -106,4 +106,32 @@ int64_t sc_colskip(const float* wt, int64_t in, int64_t out, int64_t ld, const f
     return n;
 }
 
+// Gated MLP, one token: h_i = a_i * (W_up[i] . x) where a_i != 0, else 0 (the up projection's rows
+// of dropped activations are never read; CHESS). w_up (hidden, in) row-major, leading dimension ld.
+void sc_gated_rows(const float* w_up, int64_t hidden, int64_t in, int64_t ld, const float* x, const float* a,
+                   const float* up_bias, float* h, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t i = 0; i < hidden; ++i) {
+        if (a[i] == 0.0f) {
+            h[i] = 0.0f;
+            continue;
+        }
+        const float* w = w_up + i * ld;
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= in; j += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8), _mm256_loadu_ps(x + j + 8), s1);
+        }
+        __m256 s = _mm256_add_ps(s0, s1);
+        __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+        float dot = _mm_cvtss_f32(q);
+        for (; j < in; ++j) dot += w[j] * x[j];
+        h[i] = a[i] * (up_bias ? dot + up_bias[i] : dot);
+    }
+}
+
 }  // extern "C"

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.methods.activation import thresholds as th
-from sparsecraft.methods.activation.modules import ActivationSparseLinear, ThresholdedActivation, _check_mode
+from sparsecraft.methods.activation.modules import ActivationSparseLinear, RowSkipGatedMLP, ThresholdedActivation, _check_mode
 from sparsecraft.models.hf import _is_conv1d, block_linears, block_prefix, decoder_blocks
 from sparsecraft.models.mlp import mlp_parts
 from sparsecraft.utils import progress_bar
@@ -244,6 +244,11 @@ def apply_rules(model: nn.Module, plan: ActivationSparsityPlan) -> list[str]:
             modules[rule.name] = lambda m=module, r=rule: ThresholdedActivation(m, r.tau, mode=plan.mode)
     for name, make in modules.items():
         _set(model, name, make())
+    if plan.method == "chess":  # gated MLPs: also skip the up projection's rows of the dropped activations
+        for part in mlp_parts(model):
+            mlp_name = part.up.name.rpartition(".")[0]
+            if part.gate is not None and isinstance(part.act, ThresholdedActivation) and type(_get(model, mlp_name)) is not RowSkipGatedMLP:
+                _set(model, mlp_name, RowSkipGatedMLP(_get(model, mlp_name)))
     return list(modules)
 
 

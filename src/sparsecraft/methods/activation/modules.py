@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecraft.kernels.activation_ops import ColumnSkipPlan, column_skip_available
+from sparsecraft.kernels.activation_ops import MIN_WORK_PER_THREAD, ColumnSkipPlan, column_skip_available
 
 MODES = ("decode", "all")
 
@@ -132,6 +132,43 @@ class ThresholdedActivation(nn.Module):
         if not (self.mode == "all" or self.everywhere or _is_one_position(a)):
             return a
         return a * (a.abs() > self.tau)
+
+
+class RowSkipGatedMLP(nn.Module):
+    """A gated MLP down(act(gate(x)) * up(x)) whose activation is thresholded (CHESS): for one token
+    on CPU the up projection's rows of dropped activations are not read (``sc_gated_rows``) and
+    the down projection then skips the same zeros; every other call runs as the original.
+
+    Holds the original submodules under their names (``gate_proj``, ``up_proj``, ``down_proj``,
+    ``act_fn``), so parameter names do not change.
+    """
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def _fast(self, x: Tensor) -> bool:
+        w = self.up_proj.weight
+        return (x.numel() == w.shape[1] and x.dtype == w.dtype == torch.float32 and isinstance(self.act_fn, ThresholdedActivation)
+                and type(self.up_proj) is nn.Linear and w.stride(1) == 1 and not (torch.is_grad_enabled() and x.requires_grad)
+                and column_skip_available(x) and w.is_cpu)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fast(x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        from sparsecraft.kernels.build import library
+
+        x = x.contiguous()
+        a = self.act_fn(self.gate_proj(x)).contiguous()  # one token: thresholded in every mode
+        w, bias = self.up_proj.weight, self.up_proj.bias
+        bias = None if bias is None else bias.contiguous()  # a local: a temporary's pointer would dangle during the call
+        hidden, width = w.shape
+        h = torch.empty(a.shape)
+        kept_work = hidden * width // 2
+        threads = max(1, min(torch.get_num_threads(), kept_work // MIN_WORK_PER_THREAD))
+        library().sc_gated_rows(w.data_ptr(), hidden, width, w.stride(0), x.data_ptr(), a.data_ptr(),
+                                None if bias is None else bias.data_ptr(), h.data_ptr(), threads)
+        return self.down_proj(h)
 
 
 SPARSE_MODULES = (ActivationSparseLinear, ThresholdedActivation)

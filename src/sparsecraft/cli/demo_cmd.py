@@ -17,11 +17,14 @@ from sparsecraft.demo import (
     TrainingStageConfig,
     demo_table,
     acceleration_table,
+    activation_stage_models,
+    activation_stage_table,
     demo_models,
     language_model_table,
     plot_training_stage,
     prune_language_model,
     run_acceleration_stage,
+    run_activation_stage,
     run_demo,
     run_training_stage,
     training_table,
@@ -40,7 +43,8 @@ def demo_command(
     (2) sparse training: dense vs static random-ERK vs SNIP vs GMP at 80/90/95%;
     (3) dynamic sparse training: static ERK vs SET vs RigL at 90%, and 2:4 with SR-STE;
     (4) a language model (SmolLM2-135M when available offline) pruned 50% with Wanda;
-    (5) that model on the sparse CPU kernels: per-layer and whole-forward speed, dense vs sparse."""
+    (5) that model on the sparse CPU kernels: per-layer and whole-forward speed, dense vs sparse;
+    (6) the measured activation sparsity (exact zeros, |a| < tau) of the digits CNN and the language models."""
     progress = not quiet and console.is_terminal
     start = time.perf_counter()
     console.rule("stage 1: one-shot magnitude pruning")
@@ -59,7 +63,7 @@ def demo_command(
     console.print(training_table(
         dynamic, len(stage3.seeds), title="sparsecraft demo: sparse-to-sparse training of the digits CNN",
         caption="SET regrows at random, RigL where the dense gradient is largest; 2:4 keeps 2 of every 4 weights"))
-    lm = None
+    lm = pruned = None
     accelerated: list = []
     decisions: list = []
     if language_model and importlib.util.find_spec("transformers") is None:
@@ -72,9 +76,14 @@ def demo_command(
         accelerated, decisions = run_acceleration_stage(demo_models(pruned, f"{lm.method} {lm.sparsity:.0%}"), progress=progress,
                                                         log=console.print)
         console.print(acceleration_table(accelerated))
+    console.rule("stage 6: activation sparsity of the demo models")
+    activations, activation_layers = run_activation_stage(activation_stage_models(lm, pruned, console.print), progress=progress,
+                                                          log=console.print)
+    console.print(activation_stage_table(activations))
     console.print(f"demo finished in {time.perf_counter() - start:.1f} s")
     if json_out is not None:
         results = {"one_shot": [asdict(r) for r in rows], "sparse_training": [asdict(r) for r in trained],
                    "dynamic_sparse_training": [asdict(r) for r in dynamic], "language_model": asdict(lm) if lm else None,
-                   "acceleration": [asdict(r) | {"speedup": r.speedup} for r in accelerated], "acceleration_layers": decisions}
+                   "acceleration": [asdict(r) | {"speedup": r.speedup} for r in accelerated], "acceleration_layers": decisions,
+                   "activation_sparsity": [asdict(r) for r in activations], "activation_layers": activation_layers}
         write_text_atomic(json_out, json.dumps(results, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from sparsecraft.cli.accelerate_cmd import accelerate_command
+from sparsecraft.cli.activations_cmd import activations_command
 from sparsecraft.cli.actsparse_cmd import actsparse_command
 from sparsecraft.cli.demo_cmd import demo_command
 from sparsecraft.cli.list_cmd import list_command
@@ -27,6 +28,7 @@ app.command("eval")(eval_command)
 app.command("sweep")(sweep_command)
 app.command("train")(train_command)
 app.command("accelerate")(accelerate_command)
+app.command("activations")(activations_command)
 app.command("actsparse")(actsparse_command)
 app.command("list")(list_command)
 

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.methods.activation import thresholds as th
-from sparsecraft.methods.activation.modules import ActivationSparseLinear, RowSkipGatedMLP, ThresholdedActivation, _check_mode
+from sparsecraft.methods.activation.modules import (
+    ActivationSparseLinear,
+    RowSkipGatedMLP,
+    ThresholdedActivation,
+    _check_mode,
+    sparsify_everywhere,
+)
 from sparsecraft.models.hf import _is_conv1d, block_linears, block_prefix, decoder_blocks
 from sparsecraft.models.mlp import mlp_parts
 from sparsecraft.utils import progress_bar
@@ -116,6 +122,21 @@ def _run(model: nn.Module, windows: Tensor, batch_size: int, progress: bool, wha
 
 
 @torch.no_grad()
+def _run_hooked(model: nn.Module, handles: list, windows: Tensor, batch_size: int, progress: bool, what: str,
+                everywhere: bool = False) -> None:
+    """Run the windows with ``handles`` (hooks) in place, removing them whatever happens."""
+    try:
+        if everywhere:
+            with sparsify_everywhere(model):
+                _run(model, windows, batch_size, progress, what)
+        else:
+            _run(model, windows, batch_size, progress, what)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
 def _input_samples(model: nn.Module, names: list[str], windows: Tensor, batch_size: int, progress: bool,
                    outputs: bool = False, scale: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """A sample of |input| (or |output| * scale) of each named module over the calibration windows."""
@@ -133,11 +154,7 @@ def _input_samples(model: nn.Module, names: list[str], windows: Tensor, batch_si
 
     handles = [(_get(model, n).register_forward_hook(hook(n)) if outputs else _get(model, n).register_forward_pre_hook(hook(n)))
                for n in names]
-    try:
-        _run(model, windows, batch_size, progress, "calibrating activations")
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, windows, batch_size, progress, "calibrating activations")
     return {n: s.values() for n, s in samplers.items()}
 
 
@@ -154,11 +171,7 @@ def _mean_abs_outputs(model: nn.Module, names: list[str], windows: Tensor, batch
         return record
 
     handles = [_get(model, n).register_forward_hook(hook(n)) for n in names]
-    try:
-        _run(model, windows, batch_size, progress, "CHESS: mean |up projection|")
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, windows, batch_size, progress, "CHESS: mean |up projection|")
     return {n: sums[n] / counts[n] for n in names}
 
 
@@ -273,8 +286,6 @@ def refine_thresholds(model: nn.Module, plan: ActivationSparsityPlan, windows: T
     change once earlier layers drop activations: 1-4% on tiny models); one pass of this brings
     each layer back to the target on the calibration text.
     """
-    from sparsecraft.methods.activation.modules import sparsify_everywhere
-
     rules = [r for r in plan.rules if r.tau is not None]
     batches = -(-windows.shape[0] // batch_size)
     gen = torch.Generator().manual_seed(1)
@@ -291,12 +302,7 @@ def refine_thresholds(model: nn.Module, plan: ActivationSparsityPlan, windows: T
         module = _get(model, r.name)
         handles.append(module.act.register_forward_hook(hook(r)) if r.kind == "activation"
                        else module.register_forward_pre_hook(hook(r)))
-    try:
-        with sparsify_everywhere(model):
-            _run(model, windows, batch_size, progress, "refining thresholds")
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, windows, batch_size, progress, "refining thresholds", everywhere=True)
     for r in rules:
         t = th.quantile_threshold(samplers[r.name].values(), plan.sparsity)
         new = (t / r.scale.clamp_min(torch.finfo(torch.float32).tiny)) if r.kind == "activation" else torch.tensor(t)
@@ -310,8 +316,6 @@ def refine_thresholds(model: nn.Module, plan: ActivationSparsityPlan, windows: T
 @torch.no_grad()
 def measured_sparsity(model: nn.Module, windows: Tensor, batch_size: int = 4) -> dict[str, float]:
     """Fraction of each activation-sparse Linear's inputs that are dropped or zero, with sparsification on everywhere."""
-    from sparsecraft.methods.activation.modules import sparsify_everywhere
-
     dropped: dict[str, list[float]] = {}
 
     def hook(name: str):
@@ -323,10 +327,5 @@ def measured_sparsity(model: nn.Module, windows: Tensor, batch_size: int = 4) ->
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, ActivationSparseLinear)]
-    try:
-        with sparsify_everywhere(model):
-            _run(model, windows, batch_size, False, "")
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, windows, batch_size, False, "", everywhere=True)
     return {n: d / max(total, 1.0) for n, (d, total) in dropped.items()}

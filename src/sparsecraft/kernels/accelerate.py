@@ -29,7 +29,7 @@ from sparsecraft.kernels.build import SOURCES, available
 from sparsecraft.kernels.formats import FORMATS, SparseWeight, pack
 from sparsecraft.kernels.modules import SparseLinear, dense_weight, is_conv1d
 from sparsecraft.kernels.timing import TimingCache, interleaved_medians
-from sparsecraft.utils import progress_bar
+from sparsecraft.utils import progress_bar, replace_module
 
 #: N:M patterns recognised automatically (the nm format is then used instead of the bitmask).
 KNOWN_NM = ((2, 4), (4, 8), (1, 4), (2, 8), (1, 2))
@@ -235,7 +235,7 @@ def accelerate(
         decision, sparse = _decide(name, W, density, module.bias, layer_t, options, dtype, min_speedup, cache)
         decisions.append(decision)
         if sparse is not None:
-            _replace(model, name, SparseLinear(sparse, module.bias))
+            replace_module(model, name, SparseLinear(sparse, module.bias))
     if cache:
         cache.save()
     return AccelerationReport(decisions)
@@ -245,8 +245,3 @@ def _busy() -> float:
     """The 1-minute load average when other work competes for the cores (0.0 when quiet)."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return load if load > (os.cpu_count() or 1) + 0.5 else 0.0
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

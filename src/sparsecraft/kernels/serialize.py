@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.kernels.formats import SparseWeight
 from sparsecraft.kernels.modules import PREFIX, SparseLinear
-from sparsecraft.utils import atomic_folder
+from sparsecraft.utils import atomic_folder, replace_module
 
 FILE = "sparse_model.safetensors"
 FORMAT_VERSION = 1
@@ -118,9 +118,8 @@ def load_sparse(folder: str | Path, model: nn.Module | None = None) -> nn.Module
         arrays = {a: tensors.pop(f"{name}.{PREFIX}{a}") for a in spec["arrays"]}
         bias = tensors.pop(f"{name}.bias") if spec["bias"] else None
         sparse = SparseWeight(spec["format"], tuple(spec["shape"]), arrays, spec["n"], spec["m"], tuple(spec["block"]))
-        parent, _, child = name.rpartition(".")
         try:
-            setattr(model.get_submodule(parent) if parent else model, child, SparseLinear(sparse, bias))
+            replace_module(model, name, SparseLinear(sparse, bias))
         except AttributeError as exc:
             raise SparsecraftError(f"{path}: the model has no module {name!r}; is this the architecture it was saved from?") from exc
     for alias, source in meta["aliases"].items():

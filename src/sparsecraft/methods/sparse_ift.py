@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError, check_density
+from sparsecraft.utils import replace_module
 
 FAMILIES = ("wide", "parallel", "factorized", "doped")
 
@@ -184,9 +185,7 @@ def sparse_wide_blocks(model: nn.Module, sparsity: float) -> int:
     for name, module in list(model.named_modules()):
         if _is_wide_block(module):
             first, act, second = module.children()
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SparseWide.from_block(first, act, second, sparsity))
+            replace_module(model, name, SparseWide.from_block(first, act, second, sparsity))
             replaced += 1
     return replaced
 

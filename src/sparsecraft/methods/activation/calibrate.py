@@ -32,7 +32,7 @@ from sparsecraft.methods.activation.modules import (
 )
 from sparsecraft.models.hf import _is_conv1d, block_linears, block_prefix, decoder_blocks
 from sparsecraft.models.mlp import mlp_parts
-from sparsecraft.utils import progress_bar
+from sparsecraft.utils import progress_bar, replace_module
 
 METHODS = ("threshold", "chess", "wina")
 #: model_type -> (query projection or None, attention output projection), inside a block. GPT-2
@@ -78,11 +78,6 @@ class ActivationSparsityPlan:
 
 def _get(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -256,12 +251,12 @@ def apply_rules(model: nn.Module, plan: ActivationSparsityPlan) -> list[str]:
         else:
             modules[rule.name] = lambda m=module, r=rule: ThresholdedActivation(m, r.tau, mode=plan.mode)
     for name, make in modules.items():
-        _set(model, name, make())
+        replace_module(model, name, make())
     if plan.method == "chess":  # gated MLPs: also skip the up projection's rows of the dropped activations
         for part in mlp_parts(model):
             mlp_name = part.up.name.rpartition(".")[0]
             if part.gate is not None and isinstance(part.act, ThresholdedActivation) and type(_get(model, mlp_name)) is not RowSkipGatedMLP:
-                _set(model, mlp_name, RowSkipGatedMLP(_get(model, mlp_name)))
+                replace_module(model, mlp_name, RowSkipGatedMLP(_get(model, mlp_name)))
     return list(modules)
 
 

@@ -35,8 +35,8 @@ from sparsecraft.methods.activation.topk import (
     TopKActivation,
     activation_modules,
     is_hf_decoder,
-    replace_module,
 )
+from sparsecraft.utils import replace_module
 
 #: model_type -> the config field naming the MLP activation (so a saved relufied model reloads with ReLU).
 _ACT_CONFIG_FIELD = {"llama": "hidden_act", "mistral": "hidden_act", "qwen2": "hidden_act",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
+from sparsecraft.utils import replace_module
 
 #: Module types taken for "an activation function" when a plain model is searched by type.
 #: (Activations called as functions, ``F.relu(x)``, are not modules and cannot be found or hooked.)
@@ -79,13 +80,6 @@ def activation_modules(model: nn.Module, modules: Sequence[str] | None = None,
             raise SparsecraftError(f"modules: no module named {pattern!r} in {type(model).__name__}{hint}")
         selected.update((name, named[name]) for name in hits)
     return {name: named[name] for name in named if name in selected}  # model order, no duplicates
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule ``name`` is (works inside Sequential and ModuleList too)."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _check_k(k: int | None, keep: float | None) -> None:
@@ -164,4 +158,4 @@ def apply_topk(model: nn.Module, k: int | None = None, keep: float | None = None
     return list(targets)
 
 
-__all__ = ["ACTIVATION_TYPES", "TopKActivation", "activation_modules", "apply_topk", "replace_module"]
+__all__ = ["ACTIVATION_TYPES", "TopKActivation", "activation_modules", "apply_topk"]

@@ -270,3 +270,12 @@ def test_chess_row_skipping_mlp_equals_the_masked_product_at_one_token():
         assert torch.allclose(mlp(x), expected, atol=1e-5, rtol=1e-5)
     keys = set(reference_model.state_dict())
     assert set(model.state_dict()) == keys  # the wrapper keeps every parameter name
+
+
+def test_chess_include_globs_match_block_paths_as_the_other_methods_do():
+    model = tiny_causal_lm(TinySpec(arch="llama"))
+    plan = calibrate(model, windows(), "chess", 0.5, include=["mlp.*"], progress=False)
+    names = [r.name for r in plan.rules]
+    assert names and all(".mlp." in n for n in names)  # the MLP rules only, no attention projection
+    threshold = calibrate(model, windows(), "threshold", 0.5, include=["mlp.*"], progress=False)
+    assert all(".mlp." in r.name for r in threshold.rules)

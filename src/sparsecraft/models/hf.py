@@ -155,19 +155,18 @@ class LinearView:
         target.copy_((W.t() if self.transposed else W).to(target.dtype))
 
 
+def selected_in_block(full: str, path: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    """Whether a block's module passes the globs, matched against its full name or its path in the block."""
+    def hit(globs: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(full, g) or fnmatch.fnmatchcase(path, g) for g in globs)
+
+    return not (include and not hit(include)) and not (exclude and hit(exclude))
+
+
 def block_linears(block: nn.Module, prefix: str, include: list[str] | None = None, exclude: list[str] | None = None) -> list[LinearView]:
     """Projections of one block in forward order, named ``<prefix>.<path>``, filtered by globs."""
-    views = []
-    for name, module in block.named_modules():
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            continue
-        full = f"{prefix}.{name}"
-        if include and not any(fnmatch.fnmatchcase(full, g) or fnmatch.fnmatchcase(name, g) for g in include):
-            continue
-        if exclude and any(fnmatch.fnmatchcase(full, g) or fnmatch.fnmatchcase(name, g) for g in exclude):
-            continue
-        views.append(LinearView(full, module))
-    return views
+    return [LinearView(f"{prefix}.{name}", module) for name, module in block.named_modules()
+            if (isinstance(module, nn.Linear) or _is_conv1d(module)) and selected_in_block(f"{prefix}.{name}", name, include, exclude)]
 
 
 def block_prefix(model: nn.Module, index: int) -> str:

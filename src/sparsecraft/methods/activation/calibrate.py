@@ -14,7 +14,6 @@ decoder blocks are touched (embeddings and the LM head stay exact). Methods (mat
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +29,7 @@ from sparsecraft.methods.activation.modules import (
     _check_mode,
     sparsify_everywhere,
 )
-from sparsecraft.models.hf import _is_conv1d, block_linears, block_prefix, decoder_blocks
+from sparsecraft.models.hf import _is_conv1d, block_linears, block_prefix, decoder_blocks, selected_in_block
 from sparsecraft.models.mlp import mlp_parts
 from sparsecraft.utils import progress_bar, replace_module
 
@@ -207,17 +206,13 @@ def calibrate(model: nn.Module, windows: Tensor | None, method: str, sparsity: f
     return plan
 
 
-def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
-    ok = not include or any(fnmatch.fnmatchcase(name, g) for g in include)
-    return ok and not (exclude and any(fnmatch.fnmatchcase(name, g) for g in exclude))
-
-
 def _chess_rules(model: nn.Module, windows: Tensor, sparsity: float, batch_size: int, progress: bool,
                  include: list[str] | None, exclude: list[str] | None) -> list[Rule]:
-    parts = [p for p in mlp_parts(model) if _selected(p.down.name, include, exclude)]
+    # the globs match as for the other methods (block_linears): full names or paths inside the block
+    parts = [p for p in mlp_parts(model) if selected_in_block(p.down.name, p.down.name[len(p.prefix) + 1:], include, exclude)]
     q_path, o_path = ATTENTION_QO[model.config.model_type]
-    attention = [f"{block_prefix(model, i)}.{path}" for i in range(len(decoder_blocks(model))) for path in (q_path, o_path) if path]
-    attention = [n for n in attention if _selected(n, include, exclude)]
+    attention = [f"{block_prefix(model, i)}.{path}" for i in range(len(decoder_blocks(model))) for path in (q_path, o_path)
+                 if path and selected_in_block(f"{block_prefix(model, i)}.{path}", path, include, exclude)]
     gated = [p for p in parts if p.gate is not None]
     up_mean = _mean_abs_outputs(model, [p.up.name for p in gated], windows, batch_size, progress) if gated else {}
     scale = {p.act_path: up_mean[p.up.name] if p.gate is not None else torch.ones(p.hidden_size) for p in parts}
@@ -226,7 +221,7 @@ def _chess_rules(model: nn.Module, windows: Tensor, sparsity: float, batch_size:
     rules = []
     for p in parts:
         t = th.quantile_threshold(act_samples[p.act_path], sparsity)  # a quantile of the importance |a| * E|u|
-        tau = t / scale[p.act_path].clamp_min(torch.finfo(torch.float32).tiny)
+        tau = th.channel_thresholds(t, scale[p.act_path])
         rules += [Rule(p.act_path, "activation", tau=tau, scale=scale[p.act_path]), Rule(p.down.name, "linear")]  # down: skip the zeros, exact
     rules += [Rule(n, "linear", tau=torch.tensor(th.quantile_threshold(att_samples[n], sparsity))) for n in attention]
     return rules
@@ -300,7 +295,7 @@ def refine_thresholds(model: nn.Module, plan: ActivationSparsityPlan, windows: T
     _run_hooked(model, handles, windows, batch_size, progress, "refining thresholds", everywhere=True)
     for r in rules:
         t = th.quantile_threshold(samplers[r.name].values(), plan.sparsity)
-        new = (t / r.scale.clamp_min(torch.finfo(torch.float32).tiny)) if r.kind == "activation" else torch.tensor(t)
+        new = th.channel_thresholds(t, r.scale) if r.kind == "activation" else torch.tensor(t)
         r.tau = new
         module = _get(model, r.name)
         module.tau.copy_(new.expand_as(module.tau))

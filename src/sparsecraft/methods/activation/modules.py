@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecraft.kernels.activation_ops import MIN_WORK_PER_THREAD, ColumnSkipPlan, column_skip_available
+from sparsecraft.kernels.build import library
+from sparsecraft.kernels.modules import is_conv1d
+from sparsecraft.methods.activation.thresholds import wina_keep
 
 MODES = ("decode", "all")
 
@@ -53,7 +56,7 @@ class ActivationSparseLinear(nn.Module):
     def __init__(self, module: nn.Module, *, tau: Tensor | None = None, scale: Tensor | None = None, k: int = 0,
                  mode: str = "decode") -> None:
         super().__init__()
-        self.transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight (in, out), y = x W + b
+        self.transposed = is_conv1d(module)  # GPT-2: weight (in, out), y = x W + b
         weight = module.weight
         self.in_features, self.out_features = (weight.shape if self.transposed else weight.shape[::-1])
         if not self.transposed and weight.stride(0) != 1:
@@ -87,10 +90,9 @@ class ActivationSparseLinear(nn.Module):
 
     def keep_mask(self, x: Tensor) -> Tensor:
         """Boolean mask of the inputs kept, per token (the rule the kernel applies)."""
-        score = x.abs() if self.scale is None else x.abs() * self.scale
         if self.k:
-            mask = torch.zeros_like(x, dtype=torch.bool)
-            return mask.scatter_(-1, score.topk(self.k, dim=-1).indices, True)
+            return wina_keep(x, self.scale, self.k)
+        score = x.abs() if self.scale is None else x.abs() * self.scale
         return score > (0.0 if self.tau is None else self.tau)
 
     def _column_skip(self, x: Tensor) -> ColumnSkipPlan | None:
@@ -156,8 +158,6 @@ class RowSkipGatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self._fast(x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        from sparsecraft.kernels.build import library
-
         x = x.contiguous()
         a = self.act_fn(self.gate_proj(x)).contiguous()  # one token: thresholded in every mode
         w, bias = self.up_proj.weight, self.up_proj.bias

@@ -44,8 +44,11 @@ def quantile_threshold(scores: Tensor, sparsity: float) -> float:
 
 def chess_channel_thresholds(act_abs: Tensor, up_abs_mean: Tensor, sparsity: float) -> Tensor:
     """CHESS thresholds for the activation a (tokens, hidden) given E|u| (hidden,): tau_i = t / E|u_i|."""
-    importance = act_abs * up_abs_mean
-    t = quantile_threshold(importance, sparsity)
+    return channel_thresholds(quantile_threshold(act_abs * up_abs_mean, sparsity), up_abs_mean)
+
+
+def channel_thresholds(t: float, up_abs_mean: Tensor) -> Tensor:
+    """tau_i = t / E|u_i|: one threshold t on the importance |a_i| * E|u_i| as thresholds on |a_i|."""
     return t / up_abs_mean.clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -54,9 +57,10 @@ def wina_column_norms(weight_out_in: Tensor) -> Tensor:
     return weight_out_in.float().norm(dim=0)
 
 
-def wina_keep(x: Tensor, column_norms: Tensor, k: int) -> Tensor:
-    """WINA's per-token selection: a boolean mask of the k largest |x_i| * ||W_{:,i}||_2."""
-    score = x.abs() * column_norms
+def wina_keep(x: Tensor, column_norms: Tensor | None, k: int) -> Tensor:
+    """WINA's per-token selection: a boolean mask of the k largest |x_i| * ||W_{:,i}||_2
+    (``column_norms`` None: the k largest |x_i|)."""
+    score = x.abs() if column_norms is None else x.abs() * column_norms
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices, True)
 
 

@@ -12,6 +12,7 @@ from sparsecraft.cli.list_cmd import list_command
 from sparsecraft.cli.oneshot_cmd import eval_command, sweep_command
 from sparsecraft.cli.prune_cmd import prune_command
 from sparsecraft.cli.report_cmd import report_command
+from sparsecraft.cli.sae_cmd import sae_app
 from sparsecraft.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.command("accelerate")(accelerate_command)
 app.command("activations")(activations_command)
 app.command("actsparse")(actsparse_command)
 app.command("list")(list_command)
+app.add_typer(sae_app, name="sae")
 
 if __name__ == "__main__":
     app()

@@ -70,6 +70,7 @@ class TrainResult:
     seconds: float
     input_scale: float
     output_scale: float
+    lr: float
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -259,4 +260,4 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[Chunk], config: TrainCon
     sae.eval()
     sae.fold_scales(in_scale, out_scale)
     return TrainResult(steps=steps, tokens=steps * c.batch_size, seconds=seconds, input_scale=in_scale,
-                       output_scale=out_scale, history=history)
+                       output_scale=out_scale, lr=lr, history=history)

@@ -74,6 +74,22 @@ def test_negative_selected_values_become_zero_and_bad_k_is_refused():
         allocate.topk(pre, 25)
 
 
+def test_sparse_decode_equals_the_dense_product_with_its_gradients():
+    from sparsecraft.methods.sae.model import sparse_decode
+
+    g = torch.Generator().manual_seed(4)
+    pre = torch.randn(3, 5, 20, generator=g, requires_grad=True)
+    codes = torch.where(pre > 1, pre, torch.zeros_like(pre))
+    codes[0, 0] = 0  # a token with no active latent
+    W = torch.randn(20, 6, generator=g, requires_grad=True)
+    sparse, dense = sparse_decode(codes, W), codes @ W
+    assert torch.allclose(sparse, dense, atol=1e-6)
+    weights = torch.randn(3, 5, 6, generator=g)
+    got = torch.autograd.grad((sparse * weights).sum(), [pre, W], retain_graph=True)
+    want = torch.autograd.grad((dense * weights).sum(), [pre, W])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+
+
 # --- losses -------------------------------------------------------------------------------------
 
 

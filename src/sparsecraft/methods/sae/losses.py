@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sparsecraft.methods.sae.model import sparse_decode
+
 
 def normalized_mse(estimate: Tensor, target: Tensor) -> Tensor:
     """sum ||estimate - target||^2 / sum ||target - mean(target)||^2 over the batch: the fraction of
@@ -29,7 +31,7 @@ def _aux_reconstruction(pre: Tensor, eligible_scores: Tensor, W_dec: Tensor, k_a
     k = min(k_aux, int(torch.isfinite(eligible_scores[0]).sum()))
     top = eligible_scores.topk(k, dim=-1)
     codes = torch.zeros_like(pre).scatter_(-1, top.indices, pre.gather(-1, top.indices).relu())
-    return codes @ W_dec
+    return sparse_decode(codes, W_dec)
 
 
 def auxk_loss(pre: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
@@ -63,6 +64,19 @@ class SAEConfig:
         return asdict(self)
 
 
+def sparse_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
+    """``codes @ W_dec`` reading only the decoder rows of non-zero codes (``F.embedding_bag``): with
+    k of d_sae latents active the product costs k/d_sae of the dense one, forward and backward
+    (the gradient reaches the kept codes and the rows they read)."""
+    flat = codes.reshape(-1, codes.shape[-1])
+    rows, cols = flat.nonzero(as_tuple=True)
+    offsets = torch.zeros(flat.shape[0], dtype=torch.long, device=codes.device)
+    if flat.shape[0] > 1:
+        offsets[1:] = torch.bincount(rows, minlength=flat.shape[0]).cumsum(0)[:-1]
+    out = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=flat[rows, cols])
+    return out.reshape(*codes.shape[:-1], W_dec.shape[-1])
+
+
 class SparseAutoencoder(nn.Module):
     """x -> z = select(W_enc^T (x - b_dec) + b_enc) -> x_hat = z W_dec + b_dec."""
 
@@ -96,8 +110,11 @@ class SparseAutoencoder(nn.Module):
     # -- the function --------------------------------------------------------------------------
 
     def pre_activations(self, x: Tensor) -> Tensor:
-        centred = x if self.config.transcoder else x - self.b_dec
-        return centred @ self.W_enc + self.b_enc
+        if self.config.transcoder:
+            return x @ self.W_enc + self.b_enc
+        # (x - b_dec) W_enc + b_enc with the bias folded: the activations need no gradient, so the
+        # backward pass runs one large matrix product (for W_enc), not two
+        return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def select(self, pre: Tensor) -> Tensor:
         """The codes: the kind's allocation in training mode, its per-token rule in eval mode."""
@@ -119,7 +136,7 @@ class SparseAutoencoder(nn.Module):
         return self.select(self.pre_activations(x))
 
     def decode(self, z: Tensor) -> Tensor:
-        return z @ self.W_dec + self.b_dec
+        return sparse_decode(z, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))

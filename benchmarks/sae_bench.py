@@ -64,10 +64,13 @@ def stage_cache(args) -> None:
     train, _ = windows_of(args, tokenizer)
     train = train[: -(-args.cache_tokens // (args.seqlen - 1))]
     started = time.perf_counter()
-    meta = write_cache(harvest(model, train, Harvest(args.hook, batch_size=8)), WORK / "cache",
+    stats: dict = {}
+    spec = Harvest(args.hook, batch_size=8, outlier_factor=args.outlier_factor)
+    meta = write_cache(harvest(model, train, spec, stats), WORK / "cache",
                        {"model": path, "hook": args.hook, "seqlen": args.seqlen, "d_in": model.config.hidden_size,
-                        "n_tokens": len(train) * (args.seqlen - 1)})
-    print(f"cached {meta['n_tokens']:,} tokens in {time.perf_counter() - started:.0f} s")
+                        "outlier_factor": args.outlier_factor, "n_tokens": len(train) * (args.seqlen - 1)})
+    print(f"cached {meta['n_tokens']:,} tokens ({stats['dropped']} outlier tokens dropped) "
+          f"in {time.perf_counter() - started:.0f} s")
 
 
 def worker_ours(args) -> None:
@@ -81,7 +84,8 @@ def worker_ours(args) -> None:
     torch.set_num_threads(args.threads)
     meta = read_cache_meta(WORK / "cache")
     d_in = meta["d_in"]
-    sae = SparseAutoencoder(SAEConfig(kind=args.kind, d_in=d_in, d_sae=d_in * args.expansion, k=args.k, hook=args.hook))
+    sae = SparseAutoencoder(SAEConfig(kind=args.kind, d_in=d_in, d_sae=d_in * args.expansion, k=args.k, hook=args.hook,
+                                      outlier_factor=args.outlier_factor))
     batches = ShuffleBuffer(repeat(lambda: read_cache(WORK / "cache", verify=False), args.tokens), 262_144,
                             args.batch_size, seed=args.seed)
     result = train_sae(sae, batches, TrainConfig(tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, seed=args.seed))
@@ -97,7 +101,7 @@ def worker_eval(args) -> None:
     from safetensors.torch import load_file
 
     from sparsecraft.methods.sae import SAEConfig, SparseAutoencoder, metrics
-    from sparsecraft.methods.sae.activations import Harvest, harvest, read_cache
+    from sparsecraft.methods.sae.activations import read_cache
 
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_model(args)
@@ -108,21 +112,24 @@ def worker_eval(args) -> None:
         d_in, d_sae = state["W_enc"].shape
         # peers' TopK ran as TopK at inference; BatchTopK as JumpReLU with their threshold (ours: the same rule)
         kind = job["kind"] if job["tool"] == "sparsecraft" else ("batchtopk" if "threshold" in state else "topk")
-        sae = SparseAutoencoder(SAEConfig(kind=kind, d_in=d_in, d_sae=d_sae, k=args.k, hook=args.hook))
+        sae = SparseAutoencoder(SAEConfig(kind=kind, d_in=d_in, d_sae=d_sae, k=args.k, hook=args.hook,
+                                          outlier_factor=args.outlier_factor))
         if "threshold" in state:
             state["threshold"] = state["threshold"].reshape(-1).expand(d_sae).clone()
         else:
             state["threshold"] = torch.zeros(d_sae)
         sae.load_state_dict(state)
         sae.eval()
-        recon = metrics.reconstruction(sae, harvest(model, held_out, Harvest(args.hook)))
+        stats: dict = {}
+        recon = metrics.reconstruction(sae, metrics.activations_for(model, sae, held_out, stats))
         density = metrics.reconstruction(sae, read_cache(WORK / "cache", verify=False))
         loss = metrics.loss_recovered(model, sae, held_out)
         row = {**job["train"], "tool": job["tool"], "kind": job["kind"], "expansion": args.expansion, "k": args.k,
                "batch_size": args.batch_size, "hook": args.hook, "fvu": recon.fvu, "l0_mean": recon.l0_mean,
                "l0_std": recon.l0_std, "l0_p10": recon.l0_p10, "l0_p90": recon.l0_p90,
                "dead_fraction": density.dead_fraction, "rare_fraction": density.rare_fraction,
-               "density_tokens": density.tokens, "eval_tokens": recon.tokens, **loss.summary(),
+               "density_tokens": density.tokens, "eval_tokens": recon.tokens, "outlier_factor": args.outlier_factor,
+               "eval_outliers_dropped": stats["dropped"], **loss.summary(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_5min": os.getloadavg()[1], "threads": args.threads}
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -138,7 +145,8 @@ def stage_train(args) -> None:
     if RESULTS.exists():
         for line in RESULTS.read_text().splitlines():
             r = json.loads(line)
-            done.add(f"{r['tool']}|{r['kind']}|x{r['expansion']}|k{r['k']}|{r['tokens']}|{r['hook']}|seed{r.get('seed', 0)}")
+            if r.get("outlier_factor") == args.outlier_factor:
+                done.add(f"{r['tool']}|{r['kind']}|x{r['expansion']}|k{r['k']}|{r['tokens']}|{r['hook']}|seed{r.get('seed', 0)}")
     jobs = [("sparsecraft", kind) for kind in args.kinds.split(",") if kind in OURS]
     jobs += [(peer, kind) for peer, python in PEERS.items() if python.exists() and peer in args.peers.split(",")
              for kind in PEER_KINDS]
@@ -150,7 +158,8 @@ def stage_train(args) -> None:
             continue
         weights, info = WORK / f"{tool}-{kind}.safetensors", WORK / f"{tool}-{kind}.json"
         if tool == "sparsecraft":
-            cmd = [sys.executable, __file__, "--worker", "ours", "--kind", kind, "--hook", args.hook]
+            cmd = [sys.executable, __file__, "--worker", "ours", "--kind", kind, "--hook", args.hook,
+                   "--outlier-factor", str(args.outlier_factor)]
             cmd += ["--lr", str(args.lr)] if args.lr else []
         else:  # each peer with its own default optimiser and learning rate
             cmd = [str(PEERS[tool]), str(HERE / "peers" / "sae_peer_train.py"), "--peer", tool, "--kind", kind,
@@ -168,7 +177,7 @@ def stage_train(args) -> None:
         (WORK / "pending.json").write_text(json.dumps(pending))
         subprocess.run([sys.executable, __file__, "--worker", "eval", "--pending", str(WORK / "pending.json"), "--hook", args.hook,
                         "--expansion", str(args.expansion), "--k", str(args.k), "--batch-size", str(args.batch_size),
-                        "--threads", str(args.threads)], check=True)
+                        "--threads", str(args.threads), "--outlier-factor", str(args.outlier_factor)], check=True)
 
 
 def table(args) -> None:
@@ -193,6 +202,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--cache-tokens", type=int, default=200_000)
+    p.add_argument("--outlier-factor", type=float, default=10.0,
+                   help="drop tokens with norm > F x median (massive activations), from training and scoring")
     p.add_argument("--kinds", default=",".join(OURS))
     p.add_argument("--peers", default="saelens,sparsify")
     p.add_argument("--kind")

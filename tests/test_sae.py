@@ -407,6 +407,30 @@ def test_cache_round_trip_checksums_and_atomicity(tmp_path):
     assert not (tmp_path / "cut").exists()
 
 
+def test_outlier_tokens_are_dropped_from_training_data_and_left_alone_when_spliced():
+    from sparsecraft.methods.sae.activations import drop_outliers
+
+    x = torch.randn(100, 8)
+    x[17] *= 200  # a "massive activation"
+    stats: dict = {}
+    (kept, _), = drop_outliers([(x, None)], 10.0, stats)
+    assert len(kept) == 99 and stats == {"tokens": 100, "dropped": 1} and not (kept.norm(dim=1) > 100).any()
+    assert len(next(drop_outliers([(x, None)], 0.0))[0]) == 100  # 0: keep everything
+    model = tiny_causal_lm(TinySpec())
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    clean = model(input_ids=ids).logits
+    sae = identity_sae(64, "blocks.0.resid_post")
+    with torch.no_grad():
+        sae.W_dec.zero_()  # a "zero" SAE: only the positions it is allowed to touch change
+    sae.config.outlier_factor = 1e-6  # every position counts as an outlier: nothing may change
+    with metrics.splice_sae(model, sae):
+        assert torch.equal(model(input_ids=ids).logits, clean)
+    sae.config.outlier_factor = 0.0
+    with metrics.splice_sae(model, sae):
+        spliced = model(input_ids=ids).logits
+    assert torch.allclose(spliced[:, 0], clean[:, 0]) and not torch.allclose(spliced[:, 1:], clean[:, 1:])
+
+
 def test_text_too_short_is_refused_before_work():
     with pytest.raises(SparsecraftError, match="1,000 tokens need 33 windows of 32, but the text gives only 4"):
         check_enough_text(4, 32, True, 1000)

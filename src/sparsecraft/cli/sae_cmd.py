@@ -44,6 +44,7 @@ def train_command(
     l1: Annotated[float, typer.Option(help="L1 coefficient (relu kind)")] = 5.0,
     transcoder: Annotated[bool, typer.Option(help="map blocks.L.mlp_in to blocks.L.mlp_out")] = False,
     aux: Annotated[str, typer.Option(help="auxiliary loss: auto, auxk, zipf or none")] = "auto",
+    outlier_factor: Annotated[float, typer.Option(help="skip tokens with norm > F x median (massive activations); 0: none")] = 10.0,
     epochs: Annotated[int, typer.Option(help="passes over the text allowed to reach --tokens")] = 1,
     eval_windows: Annotated[int, typer.Option(help="windows held out for evaluation")] = 8,
     cache: Annotated[Optional[Path], typer.Option(help="activation cache folder (written on first use)")] = None,
@@ -55,7 +56,7 @@ def train_command(
     from sparsecraft.recipes.sae import SAETrainJob, run_sae_train
 
     job = SAETrainJob(model=model, hook=hook, text=str(text), kind=kind, k=k, expansion=expansion, tokens=tokens,
-                      seqlen=seqlen, batch_size=batch_size, lr=lr, l1_coefficient=l1, transcoder=transcoder, aux=aux,
+                      seqlen=seqlen, batch_size=batch_size, lr=lr, l1_coefficient=l1, transcoder=transcoder, aux=aux, outlier_factor=outlier_factor,
                       epochs=epochs, eval_windows=eval_windows, cache=str(cache) if cache else None, seed=seed)
     try:
         outcome = run_sae_train(job, out, progress=not json_out, log=None if json_out else console.print)
@@ -81,14 +82,13 @@ def eval_command(
 ) -> None:
     """FVU, L0 distribution, dead and rare latents and loss recovered of a saved SAE on a text."""
     from sparsecraft.methods.sae import metrics
-    from sparsecraft.methods.sae.activations import Harvest, harvest
     from sparsecraft.recipes.sae import held_out_windows, open_for_eval
 
     try:
         net, tokenizer, encoder = open_for_eval(model, str(sae))
         batch = held_out_windows(tokenizer, str(text), seqlen, windows)
         cfg = encoder.config
-        recon = metrics.reconstruction(encoder, harvest(net, batch, Harvest(cfg.hook, cfg.target_hook or None)))
+        recon = metrics.reconstruction(encoder, metrics.activations_for(net, encoder, batch))
         loss = metrics.loss_recovered(net, encoder, batch)
     except SparsecraftError as e:
         fail(str(e))

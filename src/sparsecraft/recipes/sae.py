@@ -45,6 +45,7 @@ class SAETrainJob:
     l1_coefficient: float = 5.0
     transcoder: bool = False  # read blocks.L.mlp_in, reconstruct blocks.L.mlp_out (hook names the block's mlp_in)
     aux: str = "auto"
+    outlier_factor: float = 10.0  # tokens with norm > factor x median are skipped (see activations.py)
     dead_tokens: int = 1_000_000
     epochs: int = 1  # passes over the training windows allowed to reach ``tokens``
     eval_windows: int = 8
@@ -130,15 +131,16 @@ def run_sae_train(job: SAETrainJob, out: Path | None, progress: bool = True,
     target = target_hook_of(job)
     d_in = model.config.hidden_size
     config = SAEConfig(kind=job.kind, d_in=d_in, d_sae=d_in * job.expansion, k=job.k, transcoder=job.transcoder,
-                       l1_coefficient=job.l1_coefficient, hook=point.name, target_hook=target or "", model=job.model)
+                       l1_coefficient=job.l1_coefficient, hook=point.name, target_hook=target or "", model=job.model,
+                       outlier_factor=job.outlier_factor)
     train_windows, held_out, digest = _split(model, tokenizer, job)
-    spec = Harvest(job.hook, target)
+    spec = Harvest(job.hook, target, outlier_factor=job.outlier_factor)
     mine = _my_windows(train_windows)
     need = check_enough_text(len(mine) * job.epochs, job.seqlen, spec.skip_first, job.tokens // (torch.distributed.get_world_size() if is_distributed() else 1))
     say(f"{job.kind} SAE at {job.hook}: {config.d_sae} latents, {job.tokens:,} tokens "
         f"({need} windows of {job.seqlen}; {len(held_out)} held out)")
     meta = {"model": job.model, "hook": job.hook, "target_hook": target, "seqlen": job.seqlen, "text_sha256": digest,
-            "skip_first": spec.skip_first, "d_in": d_in, "rank": torch.distributed.get_rank() if is_distributed() else 0}
+            "skip_first": spec.skip_first, "outlier_factor": spec.outlier_factor, "d_in": d_in, "rank": torch.distributed.get_rank() if is_distributed() else 0}
     one_pass = _source(model, mine, job, spec, meta, progress)
     world = torch.distributed.get_world_size() if is_distributed() else 1
     train_config = TrainConfig(tokens=job.tokens // world, batch_size=job.batch_size, lr=job.lr, aux=job.aux,
@@ -161,8 +163,9 @@ def _jsonable(summary: dict) -> dict:
 
 def evaluate(model: nn.Module, sae: SparseAutoencoder, windows: Tensor, job: SAETrainJob,
              result: TrainResult) -> SAEOutcome:
-    spec = Harvest(sae.config.hook, sae.config.target_hook or None)
-    recon = metrics.reconstruction(sae, harvest(model, windows, spec))
+    stats: dict = {}
+    recon = metrics.reconstruction(sae, metrics.activations_for(model, sae, windows, stats))
+    recon.outlier_fraction = stats.get("dropped", 0) / max(1, stats.get("tokens", 1))
     loss = metrics.loss_recovered(model, sae, windows)
     return SAEOutcome(job, result, recon, loss)
 

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
@@ -128,9 +129,10 @@ def run_captured(model: nn.Module, input_ids: Tensor, names: list[str]) -> dict[
 
 @contextlib.contextmanager
 def splice(model: nn.Module, name: str, replace: Callable[[Tensor], Tensor],
-           source: str | None = None) -> Iterator[None]:
+           source: str | None = None, keep: Callable[[Tensor], Tensor] | None = None) -> Iterator[None]:
     """Within the block, the tensor at ``name`` is replaced by ``replace(x)``, where ``x`` is the
-    tensor at ``source`` (default: ``name`` itself; a transcoder reads mlp_in and writes mlp_out)."""
+    tensor at ``source`` (default: ``name`` itself; a transcoder reads mlp_in and writes mlp_out),
+    except at the positions where ``keep(original)`` (a [batch, seq] mask) is True."""
     point = resolve(model, name)
     src = resolve(model, source) if source and source != name else None
     seen: dict[str, Tensor] = {}
@@ -143,7 +145,8 @@ def splice(model: nn.Module, name: str, replace: Callable[[Tensor], Tensor],
             handles.append(src.module.register_forward_hook(lambda m, args, out: seen.__setitem__("x", _first(out))))
 
     def new_value(own: Tensor) -> Tensor:
-        return replace(seen.pop("x") if src is not None else own).to(own.dtype)
+        new = replace(seen.pop("x") if src is not None else own).to(own.dtype)
+        return new if keep is None else torch.where(keep(own).unsqueeze(-1), own, new)
 
     if point.reads_input:
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -12,11 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsecraft.methods.sae.activations import Chunk
+from sparsecraft.methods.sae.activations import Chunk, Harvest, harvest, outliers
 from sparsecraft.methods.sae.hooks import splice
 from sparsecraft.methods.sae.model import SparseAutoencoder
 
 RARE_DENSITY = 1e-4  # latents firing on fewer than 1 in 10,000 tokens are "rare"
+
+
+def activations_for(model: nn.Module, sae: SparseAutoencoder, windows: Tensor, stats: dict | None = None):  # type: ignore[no-untyped-def]
+    """The activations ``sae`` reads (and, for a transcoder, its targets) over ``windows``, with the
+    same first-position and outlier rules it was trained under."""
+    cfg = sae.config
+    return harvest(model, windows, Harvest(cfg.hook, cfg.target_hook or None, outlier_factor=cfg.outlier_factor), stats)
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Reconstruction:
     rare_fraction: float  # fired, but on fewer than RARE_DENSITY of the tokens
     density: Tensor  # per latent, fraction of tokens it fires on
     l0_per_token: Tensor
+    outlier_fraction: float = 0.0  # tokens left out as massive activations (set by the caller that knows)
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -109,14 +117,16 @@ def _mean_ce(model: nn.Module, windows: Tensor, batch_size: int, skip_first: boo
     return total / max(count, 1)
 
 
-def _keep_first(replace: callable, skip_first: bool) -> callable:  # type: ignore[valid-type]
-    """Apply ``replace`` to every position but the first (left as the model computed it)."""
-    if not skip_first:
-        return replace
+def _left_alone(skip_first: bool, outlier_factor: float) -> callable:  # type: ignore[valid-type]
+    """The positions a splice leaves as the model computed them: the first of each window (when
+    skipped in training) and outlier tokens (activations.outliers), as the SAE never saw them."""
 
-    def apply(x: Tensor) -> Tensor:
-        return torch.cat([x[:, :1], replace(x[:, 1:])], dim=1) if x.dim() == 3 else replace(x)
-    return apply
+    def keep(own: Tensor) -> Tensor:
+        mask = outliers(own, outlier_factor) if own.dim() == 3 else torch.zeros(own.shape[:-1], dtype=torch.bool)
+        if skip_first and own.dim() == 3:
+            mask[:, 0] = True
+        return mask
+    return keep
 
 
 @contextlib.contextmanager
@@ -130,7 +140,7 @@ def splice_sae(model: nn.Module, sae: SparseAutoencoder, skip_first: bool = True
     def reconstruct(x: Tensor) -> Tensor:
         return sae(x.float())
 
-    with splice(model, name, _keep_first(reconstruct, skip_first), source=source):
+    with splice(model, name, reconstruct, source=source, keep=_left_alone(skip_first, cfg.outlier_factor)):
         yield
 
 
@@ -145,7 +155,7 @@ def loss_recovered(model: nn.Module, sae: SparseAutoencoder, windows: Tensor, ba
     clean = _mean_ce(model, windows, batch_size, skip_first)
     with splice_sae(model, sae, skip_first):
         spliced = _mean_ce(model, windows, batch_size, skip_first)
-    with splice(model, name, _keep_first(torch.zeros_like, skip_first)):
+    with splice(model, name, torch.zeros_like, keep=_left_alone(skip_first, cfg.outlier_factor)):
         zero = _mean_ce(model, windows, batch_size, skip_first)
     sae.train(was_training)
     return LossRecovered(ce_clean=clean, ce_sae=spliced, ce_zero=zero)

@@ -48,6 +48,7 @@ class SAEConfig:
     hook: str = ""  # where the input is read, e.g. blocks.15.resid_post
     target_hook: str = ""  # transcoders: where the target is read (and the output spliced)
     model: str = ""  # what it was trained on (informative)
+    outlier_factor: float = 10.0  # tokens with norm > factor x median are not its job (activations.py)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -130,14 +130,22 @@ def worker_eval(args) -> None:
                "dead_fraction": density.dead_fraction, "rare_fraction": density.rare_fraction,
                "density_tokens": density.tokens, "eval_tokens": recon.tokens, "outlier_factor": args.outlier_factor,
                "eval_outliers_dropped": stats["dropped"], **loss.summary(),
-               "date": time.strftime("%Y-%m-%d %H:%M"), "loadavg_5min": os.getloadavg()[1], "threads": args.threads}
+               "date": time.strftime("%Y-%m-%d %H:%M"), "eval_loadavg_5min": os.getloadavg()[1], "threads": args.threads}
         with RESULTS.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
 
 
+def our_lr(args) -> float:
+    from sparsecraft.methods.sae.activations import read_cache_meta
+    from sparsecraft.methods.sae.train import default_lr
+
+    return args.lr or default_lr(read_cache_meta(WORK / "cache")["d_in"] * args.expansion)
+
+
 def key(tool: str, kind: str, args) -> str:
-    return f"{tool}|{kind}|x{args.expansion}|k{args.k}|{args.tokens}|{args.hook}|seed{args.seed}"
+    lr = f"{our_lr(args):.4g}" if tool == "sparsecraft" else "peer"  # peers always run at their own default
+    return f"{tool}|{kind}|x{args.expansion}|k{args.k}|{args.tokens}|{args.hook}|seed{args.seed}|lr{lr}"
 
 
 def stage_train(args) -> None:
@@ -146,7 +154,9 @@ def stage_train(args) -> None:
         for line in RESULTS.read_text().splitlines():
             r = json.loads(line)
             if r.get("outlier_factor") == args.outlier_factor:
-                done.add(f"{r['tool']}|{r['kind']}|x{r['expansion']}|k{r['k']}|{r['tokens']}|{r['hook']}|seed{r.get('seed', 0)}")
+                lr = f"{r['lr']:.4g}" if r["tool"] == "sparsecraft" else "peer"
+                done.add(f"{r['tool']}|{r['kind']}|x{r['expansion']}|k{r['k']}|{r['tokens']}|{r['hook']}|seed{r.get('seed', 0)}"
+                         f"|lr{lr}")
     jobs = [("sparsecraft", kind) for kind in args.kinds.split(",") if kind in OURS]
     jobs += [(peer, kind) for peer, python in PEERS.items() if python.exists() and peer in args.peers.split(",")
              for kind in PEER_KINDS]
@@ -156,11 +166,12 @@ def stage_train(args) -> None:
     for tool, kind in jobs:
         if key(tool, kind, args) in done:
             continue
-        weights, info = WORK / f"{tool}-{kind}.safetensors", WORK / f"{tool}-{kind}.json"
+        tag = f"-lr{our_lr(args):.4g}" if tool == "sparsecraft" else ""
+        weights, info = WORK / f"{tool}-{kind}{tag}.safetensors", WORK / f"{tool}-{kind}{tag}.json"
         if tool == "sparsecraft":
             cmd = [sys.executable, __file__, "--worker", "ours", "--kind", kind, "--hook", args.hook,
                    "--outlier-factor", str(args.outlier_factor)]
-            cmd += ["--lr", str(args.lr)] if args.lr else []
+            cmd += ["--lr", str(our_lr(args))]
         else:  # each peer with its own default optimiser and learning rate
             cmd = [str(PEERS[tool]), str(HERE / "peers" / "sae_peer_train.py"), "--peer", tool, "--kind", kind,
                    "--cache", str(WORK / "cache")]
@@ -171,7 +182,9 @@ def stage_train(args) -> None:
         if proc.returncode != 0:
             print(f"{tool} {kind} failed (exit {proc.returncode}); skipped", flush=True)
             continue
-        train = {"lr": args.lr} | json.loads(info.read_text()) | {"tokens": args.tokens, "seed": args.seed}
+        # the 5-minute load when the training ended: well above --threads means the time is disturbed
+        train = json.loads(info.read_text()) | {"tokens": args.tokens, "seed": args.seed,
+                                                "train_loadavg_5min": os.getloadavg()[1]}
         pending.append({"tool": tool, "kind": kind, "weights": str(weights), "train": train})
     if pending:
         (WORK / "pending.json").write_text(json.dumps(pending))
@@ -182,13 +195,15 @@ def stage_train(args) -> None:
 
 def table(args) -> None:
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()]
-    print("| tool | kind | x | k | train tokens | FVU | L0 mean (p10-p90) | dead | rare | loss recovered | CE clean / SAE / zero | train s | load |")
+    print("| tool | kind | x | k | train tokens | FVU | L0 mean (p10-p90) | dead | rare | loss recovered | CE clean / SAE / zero | train s | load (train) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['tool']} | {r['kind']} | {r['expansion']} | {r['k']} | {r['tokens']:,} | {r['fvu']:.4f} | "
+        lr = f" lr {r['lr']:.2g}" if r["tool"] == "sparsecraft" else ""
+        load = f"{r['train_loadavg_5min']:.1f}" if "train_loadavg_5min" in r else "-"
+        print(f"| {r['tool']}{lr} | {r['kind']} | {r['expansion']} | {r['k']} | {r['tokens']:,} | {r['fvu']:.4f} | "
               f"{r['l0_mean']:.1f} ({r['l0_p10']:.0f}-{r['l0_p90']:.0f}) | {r['dead_fraction']:.1%} | {r['rare_fraction']:.1%} | "
               f"{r['loss_recovered']:.3f} | {r['ce_clean']:.3f} / {r['ce_sae']:.3f} / {r['ce_zero']:.2f} | "
-              f"{r['train_seconds']:.0f} | {r['loadavg_5min']:.1f} |")
+              f"{r['train_seconds']:.0f} | {load} |")
 
 
 def main() -> None:
@@ -209,7 +224,7 @@ def main() -> None:
     p.add_argument("--kind")
     p.add_argument("--expansion", type=int, default=8)
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--lr", type=float, default=None, help="ours (default: 2e-4 / sqrt(d_sae / 2^14)); peers use their own")
+    p.add_argument("--lr", type=float, default=None, help="ours (default: 2e-3 / sqrt(d_sae / 2^14)); peers use their own")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--tokens", type=int, default=819_200)
     p.add_argument("--seed", type=int, default=0)

@@ -40,7 +40,7 @@ def train_command(
     tokens: Annotated[int, typer.Option(help="training tokens")] = 200_000,
     seqlen: Annotated[int, typer.Option(help="tokens per window")] = 128,
     batch_size: Annotated[int, typer.Option(help="tokens per step")] = 4096,
-    lr: Annotated[Optional[float], typer.Option(help="learning rate (default 2e-4 / sqrt(d_sae / 2^14))")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="learning rate (default 2e-3 / sqrt(d_sae / 2^14))")] = None,
     l1: Annotated[float, typer.Option(help="L1 coefficient (relu kind)")] = 5.0,
     transcoder: Annotated[bool, typer.Option(help="map blocks.L.mlp_in to blocks.L.mlp_out")] = False,
     aux: Annotated[str, typer.Option(help="auxiliary loss: auto, auxk, zipf or none")] = "auto",

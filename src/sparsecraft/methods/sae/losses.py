@@ -6,9 +6,8 @@ All pure functions on tensors; ``pre`` are pre-activations [tokens, d_sae], ``W_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-
-from sparsecraft.methods.sae.model import sparse_decode
 
 
 def normalized_mse(estimate: Tensor, target: Tensor) -> Tensor:
@@ -29,9 +28,8 @@ def _aux_reconstruction(pre: Tensor, eligible_scores: Tensor, W_dec: Tensor, k_a
     """Decode (without bias) the top ``k_aux`` latents of each token by ``eligible_scores`` (-inf:
     not eligible), using their ReLU pre-activations as codes."""
     k = min(k_aux, int(torch.isfinite(eligible_scores[0]).sum()))
-    top = eligible_scores.topk(k, dim=-1)
-    codes = torch.zeros_like(pre).scatter_(-1, top.indices, pre.gather(-1, top.indices).relu())
-    return sparse_decode(codes, W_dec)
+    top = eligible_scores.topk(k, dim=-1, sorted=False)  # fixed-size bags: no offsets, no dense codes
+    return F.embedding_bag(top.indices, W_dec, mode="sum", per_sample_weights=pre.gather(-1, top.indices).relu())
 
 
 def auxk_loss(pre: Tensor, dead: Tensor, residual: Tensor, W_dec: Tensor, k_aux: int) -> Tensor:

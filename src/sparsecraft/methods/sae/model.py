@@ -117,21 +117,25 @@ class SparseAutoencoder(nn.Module):
         # backward pass runs one large matrix product (for W_enc), not two
         return x @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
-    def select(self, pre: Tensor) -> Tensor:
-        """The codes: the kind's allocation in training mode, its per-token rule in eval mode."""
+    def allocation(self, pre: Tensor) -> allocate.Selection:
+        """The training-mode selection of ``pre`` [tokens, d_sae] as kept (token, latent, value) entries."""
         kind, k = self.kind, self.config.k
         if kind == "relu":
-            return allocate.relu(pre)
+            return allocate.select_relu(pre)
         if kind == "topk":
-            return allocate.topk(pre, k)
-        if not self.training:
-            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre)).relu()
-        rows = pre.reshape(-1, pre.shape[-1])
+            return allocate.select_topk(pre, k)
         if kind == "feature_choice":
-            codes = allocate.feature_choice(rows, allocate.feature_capacity(k, rows.shape[0], rows.shape[1]))
-        else:
-            codes = allocate.mutual_choice(rows, k * rows.shape[0])  # batchtopk: the same allocation
-        return codes.view_as(pre)
+            return allocate.select_feature_choice(pre, allocate.feature_capacity(k, pre.shape[0], pre.shape[1]))
+        return allocate.select_budget(pre, k * pre.shape[0])  # batchtopk and mutual_choice: the same allocation
+
+    def select(self, pre: Tensor) -> Tensor:
+        """The codes: the kind's allocation in training mode, its per-token rule in eval mode."""
+        if self.kind == "relu":
+            return allocate.relu(pre)
+        if self.kind in BATCH_KINDS and not self.training:
+            return torch.where(pre > self.threshold, pre, torch.zeros_like(pre)).relu()
+        flat = pre.reshape(-1, pre.shape[-1])
+        return allocate.dense(self.allocation(flat), flat).view_as(pre)
 
     def encode(self, x: Tensor) -> Tensor:
         return self.select(self.pre_activations(x))

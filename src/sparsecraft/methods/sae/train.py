@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sparsecraft.core.distributed import is_distributed, mean_over_ranks, sum_over_ranks
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.methods.sae import losses
+from sparsecraft.methods.sae import allocate, losses
 from sparsecraft.methods.sae.activations import Chunk
 from sparsecraft.methods.sae.model import BATCH_KINDS, UNIT_NORM_KINDS, SparseAutoencoder
 
@@ -35,7 +35,7 @@ AUX_BY_KIND = {"relu": "none", "topk": "auxk", "batchtopk": "auxk", "feature_cho
 class TrainConfig:
     tokens: int
     batch_size: int = 4096
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2^14), Gao et al.'s scaling law (as sparsify uses)
+    lr: float | None = None  # None: 2e-3 / sqrt(d_sae / 2^14), see default_lr
     warmup_steps: int | None = None  # None: 5% of the steps, at most 1000
     decay_fraction: float = 0.2
     aux: str = "auto"  # auxk | zipf | none | auto (AuxK for TopK/BatchTopK, zipf for Feature/Mutual Choice)
@@ -76,6 +76,14 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+def default_lr(d_sae: int) -> float:
+    """Gao et al.'s 1/sqrt(latents) scaling, 2e-4 / sqrt(d_sae / 2^14), times 10: their constant was
+    fitted to runs of many thousands of steps at 131k tokens per batch; for runs of hundreds of
+    steps at 4096 tokens (SmolLM2-135M, d_sae 4608, 150 steps) 10x gave FVU 0.20 against 0.33
+    (benchmarks/sae_bench.py, BENCHMARKS.md). Pass lr for long runs."""
+    return 2e-3 / math.sqrt(d_sae / 2**14)
 
 
 def geometric_median(points: Tensor, iterations: int = 100, eps: float = 1e-6) -> Tensor:
@@ -122,14 +130,16 @@ class _Step(nn.Module):
 
     def forward(self, x: Tensor, target: Tensor, aux_mask: Tensor | None, aux_kind: str, k_aux: int,
                 l1: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(loss, auxiliary loss, tokens each latent fired on, reconstruction) of one batch."""
         sae = self.sae
         pre = sae.pre_activations(x)
-        codes = sae.select(pre)
-        x_hat = sae.decode(codes)
+        kept = sae.allocation(pre)
+        x_hat = allocate.decode(kept, sae.W_dec, len(x)) + sae.b_dec
+        fired = torch.bincount(kept.cols[kept.values > 0], minlength=sae.config.d_sae).float()
         if sae.kind == "relu":
             recon = (x_hat - target).pow(2).sum(dim=-1).mean()
-            loss = recon + l1 * losses.l1_penalty(codes, sae.W_dec)
-            return loss, recon.new_zeros(()), codes, x_hat
+            penalty = (kept.values * sae.W_dec.norm(dim=1)[kept.cols]).sum() / len(x)  # losses.l1_penalty, sparse
+            return recon + l1 * penalty, recon.new_zeros(()), fired, x_hat
         loss = losses.normalized_mse(x_hat, target)
         aux = loss.new_zeros(())
         if aux_mask is not None:
@@ -138,7 +148,7 @@ class _Step(nn.Module):
                 aux = losses.auxk_loss(pre, aux_mask, residual, sae.W_dec, k_aux)
             else:
                 aux = losses.aux_zipf_loss(pre, aux_mask, residual, sae.W_dec, k_aux)
-        return loss, aux, codes, x_hat
+        return loss, aux, fired, x_hat
 
 
 def _first_batch(batches: Iterator[Chunk]) -> Chunk:
@@ -184,7 +194,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[Chunk], config: TrainCon
 
     aux_kind = AUX_BY_KIND[sae.kind] if c.aux == "auto" else c.aux
     k_aux = c.k_aux or max(1, cfg.d_out // 2)  # type: ignore[operator]
-    lr = c.lr or 2e-4 / math.sqrt(cfg.d_sae / 2**14)
+    lr = c.lr or default_lr(cfg.d_sae)
     steps = c.steps
     warmup = c.warmup_steps if c.warmup_steps is not None else min(1000, max(1, steps // 20))
     step_module: nn.Module = _Step(sae)
@@ -216,7 +226,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[Chunk], config: TrainCon
         elif aux_kind == "zipf":
             aux_mask = losses.zipf_deficit(density, cfg.k)
         l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, int(steps * c.l1_warmup_fraction)))
-        loss, aux, codes, x_hat = step_module(x, target, aux_mask, aux_kind, k_aux, l1)
+        loss, aux, fired, x_hat = step_module(x, target, aux_mask, aux_kind, k_aux, l1)
         total = loss + c.aux_coefficient * aux
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -228,8 +238,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[Chunk], config: TrainCon
         if unit_norm:
             sae.normalize_decoder()
         with torch.no_grad():
-            fired = (codes > 0).float()
-            counts = torch.cat([fired.sum(dim=0), fired.new_tensor([len(x)])])
+            counts = torch.cat([fired, fired.new_tensor([len(x)])])
             sum_over_ranks([counts])
             batch_tokens = counts[-1]
             since_fired += batch_tokens
@@ -243,7 +252,7 @@ def train_sae(sae: SparseAutoencoder, batches: Iterable[Chunk], config: TrainCon
             with torch.no_grad():
                 fvu = float(losses.normalized_mse(x_hat, target))
             record = {"step": step, "tokens": step * len(x), "loss": float(total.detach()), "fvu": fvu,
-                      "aux": float(aux.detach()), "l0": float(fired.sum(dim=-1).mean()),
+                      "aux": float(aux.detach()), "l0": float(fired.sum()) / len(x),
                       "dead_fraction": float((since_fired >= c.dead_tokens).float().mean()),
                       "lr": schedule.get_last_lr()[0]}
             history.append(record)

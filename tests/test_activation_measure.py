@@ -254,11 +254,8 @@ TEXT = " ".join(f"The {a} {b} was {c}." for a in ("old", "red", "tall") for b in
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "tiny-opt"
-    tiny_causal_lm(TinySpec(arch="opt", vocab=len(char_tokenizer()))).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+def model_dir(lm_dir):
+    return lm_dir("opt")
 
 
 def test_cli_activations_json_table_plot_and_ppl_p(model_dir, tmp_path):

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 from typer.testing import CliRunner
 
 from sparsecraft.cli.main import app
-from sparsecraft.data.text import char_tokenizer
 from sparsecraft.errors import SparsecraftError
 from sparsecraft.methods.sae import SAEConfig, SparseAutoencoder, TrainConfig, load_sae, save_sae, train_sae
 from sparsecraft.methods.sae import allocate, losses, metrics
@@ -471,11 +470,8 @@ TEXT = " ".join(f"The {a} {b} was {c} at {d}." for a in ("old", "red", "tall", "
 
 
 @pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "tiny-llama"
-    tiny_causal_lm(TinySpec(arch="llama", vocab=len(char_tokenizer()))).save_pretrained(folder)
-    char_tokenizer().save_pretrained(folder)
-    return folder
+def model_dir(lm_dir):
+    return lm_dir("llama")
 
 
 def test_cli_train_eval_inspect_export(model_dir, tmp_path):

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
@@ -66,15 +65,12 @@ class SAEConfig:
 
 
 def sparse_decode(codes: Tensor, W_dec: Tensor) -> Tensor:
-    """``codes @ W_dec`` reading only the decoder rows of non-zero codes (``F.embedding_bag``): with
+    """``codes @ W_dec`` reading only the decoder rows of non-zero codes (allocate.decode): with
     k of d_sae latents active the product costs k/d_sae of the dense one, forward and backward
     (the gradient reaches the kept codes and the rows they read)."""
     flat = codes.reshape(-1, codes.shape[-1])
     rows, cols = flat.nonzero(as_tuple=True)
-    offsets = torch.zeros(flat.shape[0], dtype=torch.long, device=codes.device)
-    if flat.shape[0] > 1:
-        offsets[1:] = torch.bincount(rows, minlength=flat.shape[0]).cumsum(0)[:-1]
-    out = F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=flat[rows, cols])
+    out = allocate.decode(allocate.Selection(rows, cols, flat[rows, cols]), W_dec, flat.shape[0])
     return out.reshape(*codes.shape[:-1], W_dec.shape[-1])
 
 

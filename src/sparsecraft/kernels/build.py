@@ -26,13 +26,14 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 SIGNATURES = {
     "sc_csr16": [_p, _p, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
     "sc_bitmask": [_p, _p, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "sc_nm_half": [_p, _p, _i64, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
     "sc_block": [_p, _p, _p, _i32, _i32, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
 }
 

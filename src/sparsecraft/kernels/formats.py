@@ -11,7 +11,9 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
 - ``bitmask``: one bit per weight + the kept values, row-major: 1/8 + 4 * density bytes per
   weight. Best at one-token decoding below ~94% sparsity: no gathers, one byte per 8 columns.
 - ``nm``: N:M sparsity stored as a bitmask over each group of M (M bits per group: 2 bits per
-  kept value for 2:4 and 4:8), validated to keep at most N per group; the bitmask kernels run it.
+  kept value for 2:4 and 4:8), validated to keep at most N per group and stored with exactly N
+  (explicit zeros fill a group that keeps fewer). Half-density N:M (2:4, 4:8) decodes one token
+  with its own kernel (fixed value offsets, inputs gathered by byte); otherwise the bitmask kernels.
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
   any of its weights is nonzero, so the zeros inside kept blocks are multiplied too.
 """
@@ -144,9 +146,10 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
     return SparseWeight("csr16", (out, inp), tensors)
 
 
-def pack_bitmask(w: Tensor, dtype: torch.dtype, fmt: str = "bitmask", n: int = 0, m: int = 0) -> SparseWeight:
+def pack_bitmask(w: Tensor, dtype: torch.dtype, fmt: str = "bitmask", n: int = 0, m: int = 0,
+                 mask: Tensor | None = None) -> SparseWeight:
     out, inp = w.shape
-    mask = w != 0
+    mask = w != 0 if mask is None else mask
     bits = np.ascontiguousarray(np.packbits(mask.numpy(), axis=1, bitorder="little"))
     tensors = {"row_ptr": _row_ptr(mask.sum(1)), "bits": torch.from_numpy(bits), "values": _padded_values(w[mask], dtype)}
     return SparseWeight(fmt, (out, inp), tensors, n, m)
@@ -165,7 +168,18 @@ def pack_nm(w: Tensor, n: int, m: int, dtype: torch.dtype, layer: str = "layer")
             f"{layer}: not {n}:{m} sparse: row {row}, columns {group * m}..{group * m + m - 1} keep "
             f"{int(per_group.max())} weights; prune it with pattern {n}:{m} first or use bitmask"
         )
-    return pack_bitmask(w, dtype, "nm", n, m)
+    return pack_bitmask(w, dtype, "nm", n, m, mask=exactly_n_per_group(w != 0, n, m))
+
+
+def exactly_n_per_group(mask: Tensor, n: int, m: int) -> Tensor:
+    """The mask with every group of m holding exactly n kept positions: a group that keeps fewer
+    (a kept weight that is exactly zero, a sparser layer) also keeps its first unset positions, as
+    explicit zeros. Fixed counts let the decode kernel use fixed value offsets (sc_nm_half)."""
+    out, inp = mask.shape
+    groups = mask.reshape(out, inp // m, m)
+    missing = n - groups.sum(-1, keepdim=True)
+    unset_rank = torch.cumsum(~groups, dim=-1)
+    return (groups | (~groups & (unset_rank <= missing))).reshape(out, inp)
 
 
 def pack_block(w: Tensor, bh: int, bw: int, dtype: torch.dtype, layer: str = "layer") -> SparseWeight:

@@ -73,6 +73,11 @@ def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
     return y.to(x.dtype).reshape(*x.shape[:-1], sw.shape[0])
 
 
+def is_half_density_nm(n: int, m: int) -> bool:
+    """2:4, 4:8, 1:2: every byte of the bitmask keeps exactly 4 inputs (the sc_nm_half decode kernel)."""
+    return 2 * n == m and 8 % m == 0
+
+
 def _plan(sw: SparseWeight) -> tuple:
     """The library function, its fixed leading arguments (pointers into the format's arrays) and nnz, built once."""
     if sw._plan is None:
@@ -80,6 +85,9 @@ def _plan(sw: SparseWeight) -> tuple:
         if sw.fmt == "csr16":
             prefix = (t["row_ptr"].data_ptr(), t["cols"].data_ptr(), t["values"].data_ptr(), vdtype)
             sw._plan = (lib.sc_csr16, prefix, sw.nnz)
+        elif sw.fmt == "nm" and is_half_density_nm(sw.n, sw.m):
+            prefix = (t["row_ptr"].data_ptr(), t["bits"].data_ptr(), t["bits"].shape[1], sw.shape[1], t["values"].data_ptr(), vdtype)
+            sw._plan = (lib.sc_nm_half, prefix, sw.nnz)
         elif sw.fmt in ("bitmask", "nm"):
             prefix = (t["row_ptr"].data_ptr(), t["bits"].data_ptr(), t["bits"].shape[1], t["values"].data_ptr(), vdtype)
             sw._plan = (lib.sc_bitmask, prefix, sw.nnz)

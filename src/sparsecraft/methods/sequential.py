@@ -105,22 +105,30 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, samples: Tenso
 def collect_input_stats(
     block: nn.Module, calls: Sequence[BlockCall], views: Sequence[LinearView], hessian: bool, hessian_tokens: int | None = None
 ) -> dict[str, InputStats]:
-    """Run ``block`` on every call with hooks; projections fed by the same tensor share statistics."""
+    """Run ``block`` on every call with hooks; projections fed by the same tensor share statistics.
+
+    Each run stops as soon as every projection has seen its input: the rest of the block (in a
+    Llama block the down projection, an eighth of the block's work) is not needed for statistics.
+    """
     stats: dict[str, InputStats] = {}
     seen: dict[int, tuple[InputStats, Tensor]] = {}  # holds the tensor so its id is not reused
+    fired: set[str] = set()
 
     def make_hook(view: LinearView):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            fired.add(view.name)
             shared = seen.get(id(x))
             if shared is not None:
                 stats.setdefault(view.name, shared[0])
-                return
-            st = stats.get(view.name)
-            if st is None:
-                st = stats[view.name] = InputStats(view.shape[1], x.device, hessian, hessian_tokens)
-            st.add(x)
-            seen[id(x)] = (st, x)
+            else:
+                st = stats.get(view.name)
+                if st is None:
+                    st = stats[view.name] = InputStats(view.shape[1], x.device, hessian, hessian_tokens)
+                st.add(x)
+                seen[id(x)] = (st, x)
+            if len(fired) == len(views):
+                raise _Captured
 
         return hook
 
@@ -128,7 +136,11 @@ def collect_input_stats(
     try:
         for call in calls:
             seen.clear()
-            call.run(block)
+            fired.clear()
+            try:
+                call.run(block)
+            except _Captured:
+                pass
     finally:
         for h in handles:
             h.remove()

@@ -13,6 +13,7 @@ from sparsecraft.cli.oneshot_cmd import eval_command, sweep_command
 from sparsecraft.cli.prune_cmd import prune_command
 from sparsecraft.cli.report_cmd import report_command
 from sparsecraft.cli.sae_cmd import sae_app
+from sparsecraft.cli.search_cmd import search_command
 from sparsecraft.cli.train_cmd import train_command
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("report")(report_command)
 app.command("eval")(eval_command)
 app.command("sweep")(sweep_command)
 app.command("train")(train_command)
+app.command("search")(search_command)
 app.command("accelerate")(accelerate_command)
 app.command("activations")(activations_command)
 app.command("actsparse")(actsparse_command)

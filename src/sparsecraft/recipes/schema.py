@@ -26,11 +26,15 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, TypeVar, Union
 
 import yaml
 
 from sparsecraft.errors import SparsecraftError
+
+
+T = TypeVar("T")
 
 
 class RecipeError(SparsecraftError):
@@ -219,8 +223,9 @@ def _describe(hint: Any) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def parse_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> Recipe:
-    """Validate a recipe given as text; errors name ``source``, the line and the field."""
+def parse_validated(cls: type[T], text: str, source: str, suffix: str, check: Callable[[T, Any], None]) -> T:
+    """Parse YAML/TOML ``text`` into the dataclass ``cls`` (types checked), then ``check(obj, where)``
+    its values; ``where(path)`` gives ``source:line`` of a dotted field for the error messages."""
     try:
         data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
@@ -231,9 +236,14 @@ def parse_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> 
         line = find(path) if path else None
         return f"{source}:{line}" if line else source
 
-    recipe = _build(Recipe, data or {}, [], where)
-    _check_values(recipe, where)
-    return recipe
+    parsed = _build(cls, data or {}, [], where)
+    check(parsed, where)
+    return parsed
+
+
+def parse_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> Recipe:
+    """Validate a recipe given as text; errors name ``source``, the line and the field."""
+    return parse_validated(Recipe, text, source, suffix, _check_values)
 
 
 def _check_values(recipe: Recipe, where) -> None:

@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import tomllib
-import yaml
-
-from sparsecraft.recipes.schema import RecipeError, TrainSection, _build, _line_finder
+from sparsecraft.recipes.schema import RecipeError, TrainSection, parse_validated
 
 SEARCH_METHODS = ("random", "dass")
 FINAL_METHODS = ("gmp", "static", "rigl")
@@ -104,19 +101,7 @@ def _check(recipe: SearchRecipe, where) -> None:
 
 def parse_search_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> SearchRecipe:
     """Validate a search recipe given as text; errors name ``source``, the line and the field."""
-    try:
-        data = tomllib.loads(text) if suffix == ".toml" else yaml.safe_load(text)
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
-        raise RecipeError(f"{source}: does not parse: {e}") from None
-    find = _line_finder(text, suffix)
-
-    def where(path: list[str]) -> str:
-        line = find(path) if path else None
-        return f"{source}:{line}" if line else source
-
-    recipe = _build(SearchRecipe, data or {}, [], where)
-    _check(recipe, where)
-    return recipe
+    return parse_validated(SearchRecipe, text, source, suffix, _check)
 
 
 def load_search_recipe(path: str | Path) -> SearchRecipe:

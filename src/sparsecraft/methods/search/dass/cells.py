@@ -10,6 +10,8 @@ classifier) this is DASS's sparse supernet (Mousavi et al., arXiv:2207.06968).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +22,19 @@ from sparsecraft.methods.search.dass.ops import DARTS_OPS, OPS, FactorizedReduce
 def reduction_cells(cells: int) -> set[int]:
     """Indices of the reduction cells: at 1/3 and 2/3 of the depth, as DARTS places them."""
     return {cells // 3, 2 * cells // 3}
+
+
+def cell_layout(C: int, cells: int, outputs: Callable[[bool], int]) -> list[tuple[bool, bool, int, int, int]]:
+    """(reduction, reduction_prev, c_pp, c_p, c) of every cell after a 3C-channel stem; a cell's
+    output has ``outputs(reduction)`` x c channels (the nodes it concatenates); reductions double c."""
+    layout, c_pp, c_p, c, reduction_prev = [], 3 * C, 3 * C, C, False
+    reductions = reduction_cells(cells)
+    for i in range(cells):
+        reduction = i in reductions
+        c = 2 * c if reduction else c
+        layout.append((reduction, reduction_prev, c_pp, c_p, c))
+        reduction_prev, c_pp, c_p = reduction, c_p, outputs(reduction) * c
+    return layout
 
 
 def preprocessing(c_pp: int, c_p: int, c: int, reduction_prev: bool, affine: bool) -> tuple[nn.Module, nn.Module]:
@@ -90,14 +105,10 @@ class SearchNetwork(nn.Module):
         self.ops = check_ops(list(ops or DARTS_OPS))
         self.in_channels, self.C, self.classes, self.n_cells, self.nodes = in_channels, C, classes, cells, nodes
         self.stem = stem(in_channels, 3 * C)
-        c_pp, c_p, c, reduction_prev = 3 * C, 3 * C, C, False
-        reductions = reduction_cells(cells)
-        self.cells = nn.ModuleList()
-        for i in range(cells):
-            reduction = i in reductions
-            c = 2 * c if reduction else c
-            self.cells.append(SearchCell(nodes, c_pp, c_p, c, reduction, reduction_prev, self.ops, sparsity, mask_mode))
-            reduction_prev, c_pp, c_p = reduction, c_p, nodes * c
+        layout = cell_layout(C, cells, lambda reduction: nodes)
+        self.cells = nn.ModuleList(SearchCell(nodes, c_pp, c_p, c, reduction, reduction_prev, self.ops, sparsity, mask_mode)
+                                   for reduction, reduction_prev, c_pp, c_p, c in layout)
+        c_p = nodes * layout[-1][4]
         self.classifier = SparseLinear(c_p, classes, sparsity=sparsity, mask_mode=mask_mode) if sparse_classifier else nn.Linear(c_p, classes)
         k, n_ops = edges_per_cell(nodes), len(self.ops)
         # DARTS initialises alpha at 1e-3 * N(0, 1): all operations start almost equally weighted

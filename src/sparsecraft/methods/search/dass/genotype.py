@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.methods.search.dass.cells import SearchNetwork, preprocessing, reduction_cells, stem
+from sparsecraft.methods.search.dass.cells import SearchNetwork, cell_layout, preprocessing, stem
 from sparsecraft.methods.search.dass.ops import OPS, dense_name
 
 Edge = tuple[str, int]  # (operation, input state: 0/1 the previous cells, 2 + i intermediate node i)
@@ -133,15 +133,15 @@ class DiscreteNetwork(nn.Module):
         super().__init__()
         self.genotype = genotype
         self.stem = stem(in_channels, 3 * C)
-        c_pp, c_p, c, reduction_prev = 3 * C, 3 * C, C, False
-        reductions = reduction_cells(cells)
-        self.cells = nn.ModuleList()
-        for i in range(cells):
-            reduction = i in reductions
-            c = 2 * c if reduction else c
-            gene, concat = (genotype.reduce, genotype.reduce_concat) if reduction else (genotype.normal, genotype.normal_concat)
-            self.cells.append(DiscreteCell(gene, concat, c_pp, c_p, c, reduction, reduction_prev))
-            reduction_prev, c_pp, c_p = reduction, c_p, len(concat) * c
+
+        def concat(reduction: bool) -> list[int]:
+            return genotype.reduce_concat if reduction else genotype.normal_concat
+
+        layout = cell_layout(C, cells, lambda reduction: len(concat(reduction)))
+        self.cells = nn.ModuleList(
+            DiscreteCell(genotype.reduce if reduction else genotype.normal, concat(reduction), c_pp, c_p, c, reduction, reduction_prev)
+            for reduction, reduction_prev, c_pp, c_p, c in layout)
+        c_p = len(concat(layout[-1][0])) * layout[-1][4]
         self.classifier = nn.Linear(c_p, classes)
 
     def forward(self, x: Tensor) -> Tensor:

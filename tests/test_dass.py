@@ -277,3 +277,51 @@ def test_run_dass_end_to_end(small_digits, monkeypatch, final_method):
         darts_genotype = parse_genotype(arch["darts_genotype"])
         assert {op for op, _ in darts_genotype.normal + darts_genotype.reduce} <= set(DARTS_OPS)
     assert build_dass_architecture(arch)(small_digits.x_test[:2]).shape == (2, 10)
+
+
+def test_second_order_alpha_gradient_matches_the_exact_unrolled_gradient():
+    """DARTS eq. 7: d/d alpha L_val(w - xi (grad_w L_train(w, alpha) + wd w), alpha), here exactly by
+    autograd through the virtual step, against the central-difference version we run."""
+    from torch.func import functional_call
+
+    from sparsecraft.methods.search.dass.search import unrolled_arch_grads
+
+    torch.manual_seed(0)
+    net = SearchNetwork(1, 2, 3, cells=3, nodes=2, ops=["none", "skip_connect", "avg_pool_3x3", "sep_conv_3x3"]).double()
+    # a central difference of gradients needs a smooth loss: ReLU's kinks make grad_alpha jump as w moves
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.ReLU):
+                setattr(module, name, nn.Softplus())
+    g = torch.Generator().manual_seed(1)
+    xt, xv = (torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    yt, yv = (torch.randint(0, 3, (8,), generator=g) for _ in range(2))
+    xi, wd = 0.5, 3e-4
+    params = dict(net.named_parameters())
+    alpha_ids = {id(a) for a in net.arch_parameters()}
+    names = [n for n, p in params.items() if id(p) not in alpha_ids]
+
+    def loss(ps, x, y):
+        return F.cross_entropy(functional_call(net, ps, (x,)), y)
+
+    grads_w = torch.autograd.grad(loss(params, xt, yt), [params[n] for n in names], create_graph=True, allow_unused=True)
+    unrolled = {**params, **{n: params[n] - xi * ((0 if gw is None else gw) + wd * params[n]) for n, gw in zip(names, grads_w)}}
+    exact = torch.autograd.grad(loss(unrolled, xv, yv), net.arch_parameters())
+    first = torch.autograd.grad(loss(params, xv, yv), net.arch_parameters())
+
+    before = [p.detach().clone() for p in net.parameters()]
+    approx = unrolled_arch_grads(net, (xt, yt), (xv, yv), xi, wd)
+    assert all(torch.equal(b, p) for b, p in zip(before, net.parameters()))  # the virtual step is undone
+    for a, e, f in zip(approx, exact, first):
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=2e-4)
+        assert (f - e).abs().max() > 20 * (a - e).abs().max()  # the second-order term is there and matters
+
+
+def test_second_order_search_runs_and_order_is_validated(small_digits):
+    part = Split(*(t[:32] for t in (small_digits.x_train, small_digits.y_train) * 2))
+    net = SearchNetwork(1, 2, 10, cells=3, nodes=2, ops=["none", "skip_connect", "sep_conv_3x3"])
+    before = [a.detach().clone() for a in net.arch_parameters()]
+    darts_search(net, part, part, 1, 16, seed=0, order=2)
+    assert all(not torch.equal(b, a) for b, a in zip(before, net.arch_parameters()))
+    with pytest.raises(SparsecraftError, match="first .1. or second .2. order"):
+        darts_search(net, part, part, 1, 16, order=3)

@@ -52,6 +52,7 @@ class DassSection:
     search_epochs: int = 10
     arch_lr: float = 3e-4  # Adam on the architecture weights, as DARTS
     arch_weight_decay: float = 1e-3
+    order: int = 1  # DARTS's approximation: 1 (weights fixed in the alpha step) or 2 (one unrolled weight step)
     final_method: str = "gmp"  # how both derived networks are trained sparse: gmp | static | rigl
     baseline: bool = True  # also search with plain DARTS and prune its network (the paper's comparison)
 
@@ -93,6 +94,8 @@ def _check(recipe: SearchRecipe, where) -> None:
             bad(path, f"{value} is a budget of zero; it must be >= 1")
     if r.random_configs < 0:
         bad(["random", "random_configs"], "must be >= 0")
+    if d.order not in (1, 2):
+        bad(["dass", "order"], f"{d.order}: DARTS's approximation is first (1) or second (2) order")
     if d.mask not in MASK_MODES:
         bad(["dass", "mask"], f"{d.mask!r} is not one of {', '.join(MASK_MODES)}")
     if d.final_method not in FINAL_METHODS:

@@ -1,6 +1,6 @@
-"""DARTS's bi-level search (first order) and DASS's comparison: search, derive, train sparse, measure.
+"""DARTS's bi-level search and DASS's comparison: search, derive, train sparse, measure.
 
-Search (Liu et al., "DARTS", ICLR 2019, first-order approximation): alternately one Adam step on
+Search (Liu et al., "DARTS", ICLR 2019, first-order approximation, or second order with ``order=2``): alternately one Adam step on
 the architecture weights alpha with a batch of the held-out half (lr 3e-4, betas (0.5, 0.999),
 weight decay 1e-3) and one SGD step on the network weights with a batch of the training half
 (momentum 0.9, cosine LR, weight decay 3e-4, gradient norm clipped at 5; the LR, 0.05 by default,
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from sparsecraft.data.images import Split
 from sparsecraft.errors import SparsecraftError
@@ -37,6 +37,51 @@ from sparsecraft.utils import progress_bar
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+def unrolled_arch_grads(network: SearchNetwork, train_batch: tuple[Tensor, Tensor], val_batch: tuple[Tensor, Tensor],
+                        xi: float, weight_decay: float = 0.0) -> list[Tensor | None]:
+    """DARTS's second-order alpha gradient (Liu et al. 2019, eq. 7-8): the gradient of the validation
+    loss after one virtual SGD step w' = w - xi (grad_w L_train + wd w), with the Hessian-vector
+    product replaced by a central difference at w +- r dL_val/dw', r = 0.01 / ||dL_val/dw'||.
+
+    The network's weights are left as they were (the virtual step is undone). Momentum is not part
+    of the virtual step (the paper's code includes it; with xi = the weight LR the difference is small).
+    """
+    weights = [p for p in network.weight_parameters()]
+    alphas = network.arch_parameters()
+    saved = [p.detach().clone() for p in weights]
+
+    def loss(batch: tuple[Tensor, Tensor]) -> Tensor:
+        return F.cross_entropy(network(batch[0]), batch[1])
+
+    def grads(value: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        return list(torch.autograd.grad(value, params, allow_unused=True))
+
+    train_grads = grads(loss(train_batch), weights)
+    with torch.no_grad():
+        for p, g in zip(weights, train_grads):
+            p.sub_(xi * ((g if g is not None else 0.0) + weight_decay * p))
+    both = grads(loss(val_batch), alphas + weights)
+    d_alpha, d_w = both[: len(alphas)], both[len(alphas) :]
+    d_w = [torch.zeros_like(p) if g is None else g for p, g in zip(weights, d_w)]
+    r = 0.01 / torch.sqrt(sum((g * g).sum() for g in d_w)).clamp_min(1e-12)
+    with torch.no_grad():
+        for p, w0, g in zip(weights, saved, d_w):
+            p.copy_(w0 + r * g)
+    plus = grads(loss(train_batch), alphas)
+    with torch.no_grad():
+        for p, w0, g in zip(weights, saved, d_w):
+            p.copy_(w0 - r * g)
+    minus = grads(loss(train_batch), alphas)
+    with torch.no_grad():
+        for p, w0 in zip(weights, saved):
+            p.copy_(w0)
+    out: list[Tensor | None] = []
+    for a, gp, gm in zip(d_alpha, plus, minus):
+        hvp = None if gp is None or gm is None else (gp - gm) / (2 * r)
+        out.append(a if hvp is None else (hvp * -xi if a is None else a - xi * hvp))
+    return out
 
 
 def darts_search(
@@ -55,12 +100,17 @@ def darts_search(
     weight_decay: float = 3e-4,
     grad_clip: float = 5.0,
     description: str = "search",
+    order: int = 1,
 ) -> tuple[Genotype, list[dict[str, Any]], float, float]:
-    """First-order DARTS on ``network``: (derived genotype, per-epoch log, seconds, training FLOPs).
+    """DARTS on ``network``: (derived genotype, per-epoch log, seconds, training FLOPs).
 
     Each step: one alpha step on a batch of ``val_part``, then one weight step on a batch of
-    ``train_part``. FLOPs count both passes (3x forward per example seen, both halves).
+    ``train_part``. ``order`` 1 takes the weights as fixed for the alpha step; 2 differentiates
+    through one virtual weight step (:func:`unrolled_arch_grads`, about 2.5x the alpha step's cost).
+    FLOPs count the passes made (3x forward per example seen).
     """
+    if order not in (1, 2):
+        raise SparsecraftError(f"order={order}: DARTS's approximation is first (1) or second (2) order")
     device = next(network.parameters()).device
     torch.manual_seed(seed)
     arch_opt = torch.optim.Adam(network.arch_parameters(), lr=arch_lr, betas=(0.5, 0.999), weight_decay=arch_weight_decay)
@@ -79,9 +129,14 @@ def darts_search(
         for step, idx in enumerate(train_batches):
             v = val_batches[step % len(val_batches)]
             # upper level: alpha on the validation loss (first order: the weights are taken as fixed)
-            val_loss = F.cross_entropy(network(x_v[v].to(device)), y_v[v].to(device))
-            # allow_unused: a network with no normal cell (cells=2: both reductions) leaves alpha_normal out
-            grads = torch.autograd.grad(val_loss, network.arch_parameters(), allow_unused=True)
+            if order == 2:
+                grads = unrolled_arch_grads(network, (x_t[idx].to(device), y_t[idx].to(device)),
+                                            (x_v[v].to(device), y_v[v].to(device)), schedule.get_last_lr()[0], weight_decay)
+                seen += 3 * len(idx)  # the virtual step and the two difference points
+            else:
+                val_loss = F.cross_entropy(network(x_v[v].to(device)), y_v[v].to(device))
+                # allow_unused: a network with no normal cell (cells=2: both reductions) leaves alpha_normal out
+                grads = list(torch.autograd.grad(val_loss, network.arch_parameters(), allow_unused=True))
             for p, g in zip(network.arch_parameters(), grads):
                 p.grad = g
             arch_opt.step()
@@ -171,7 +226,7 @@ def run_dass(recipe: SearchRecipe, split: Split, progress: bool = True, log: Cal
             net = SearchNetwork(in_channels, d.channels, classes, d.cells, d.nodes, ops, sparsity, d.mask, sparse_classifier)
             genotypes[name], epochs_log, seconds, flops = darts_search(
                 net, train_part, val_part, d.search_epochs, recipe.train.batch_size, d.arch_lr, d.arch_weight_decay,
-                seed, progress, description=f"{name} search (seed {seed})",
+                seed, progress, description=f"{name} search (seed {seed})", order=d.order,
             )
             entries += [{"seed": seed, "search": name, **e} for e in epochs_log]
             c = cost[name]

@@ -26,7 +26,7 @@ def search_command(
     networks and their baselines, and compare them: table, result.json, architecture.json, curves.png."""
     from sparsecraft.methods.search.run import cost_lines, result_json, search, summary_table, write_output
     from sparsecraft.recipes.runner import load_data
-    from sparsecraft.recipes.search import SearchRecipe, _check, load_search_recipe
+    from sparsecraft.recipes.search import SearchRecipe, check_search_recipe, load_search_recipe
 
     try:
         parsed = load_search_recipe(recipe) if recipe is not None else SearchRecipe()
@@ -39,7 +39,7 @@ def search_command(
                 parsed.seeds = [int(s) for s in seeds.split(",") if s.strip()]
             except ValueError:
                 fail(f"--seeds {seeds!r}: give integers separated by commas, like 0,1,2")
-        _check(parsed, lambda path: "--option" if recipe is None else str(recipe))
+        check_search_recipe(parsed, lambda path: "--option" if recipe is None else str(recipe))
         out = output or (Path(parsed.output) if parsed.output else None)
         if out is not None and out.exists() and any(out.iterdir()):
             fail(f"output folder {out} exists and is not empty; choose a new folder or remove it")

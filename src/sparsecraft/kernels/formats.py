@@ -161,14 +161,15 @@ def pack_nm(w: Tensor, n: int, m: int, dtype: torch.dtype, layer: str = "layer")
         raise PatternError(f"{layer}: N:M needs 0 < N < M, got {n}:{m}")
     if inp % m:
         raise PatternError(f"{layer}: {n}:{m} needs the input dimension {inp} to be a multiple of {m}")
-    per_group = (w != 0).reshape(out, inp // m, m).sum(-1)
+    nonzero = w != 0
+    per_group = nonzero.reshape(out, inp // m, m).sum(-1)
     if int(per_group.max()) > n:
         row, group = divmod(int(per_group.argmax()), inp // m)
         raise PatternError(
             f"{layer}: not {n}:{m} sparse: row {row}, columns {group * m}..{group * m + m - 1} keep "
             f"{int(per_group.max())} weights; prune it with pattern {n}:{m} first or use bitmask"
         )
-    return pack_bitmask(w, dtype, "nm", n, m, mask=exactly_n_per_group(w != 0, n, m))
+    return pack_bitmask(w, dtype, "nm", n, m, mask=exactly_n_per_group(nonzero, n, m))
 
 
 def exactly_n_per_group(mask: Tensor, n: int, m: int) -> Tensor:

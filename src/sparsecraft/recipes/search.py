@@ -71,7 +71,8 @@ class SearchRecipe:
     output: Optional[str] = None
 
 
-def _check(recipe: SearchRecipe, where) -> None:
+def check_search_recipe(recipe: SearchRecipe, where) -> None:
+    """Refuse values no search can run with; ``where(path)`` names the file and line of a field."""
     def bad(path: list[str], message: str) -> None:
         raise RecipeError(f"{where(path)}: {'.'.join(path)}: {message}")
 
@@ -104,7 +105,7 @@ def _check(recipe: SearchRecipe, where) -> None:
 
 def parse_search_recipe(text: str, source: str = "<recipe>", suffix: str = ".yaml") -> SearchRecipe:
     """Validate a search recipe given as text; errors name ``source``, the line and the field."""
-    return parse_validated(SearchRecipe, text, source, suffix, _check)
+    return parse_validated(SearchRecipe, text, source, suffix, check_search_recipe)
 
 
 def load_search_recipe(path: str | Path) -> SearchRecipe:

@@ -73,8 +73,9 @@ class NodeSpace:
         return cls(tuple(n for n, _ in layers), tuple(_units(m)[1] for _, m in layers[:-1]))
 
 
-def _check_sparsity(space: NodeSpace, sparsity: float, per_layer: bool) -> list[int]:
-    """Nodes to drop (one count per hidden layer when ``per_layer``, else one global count)."""
+def check_sparsity(space: NodeSpace, sparsity: float, per_layer: bool = False) -> list[int]:
+    """Nodes to drop (one count per hidden layer when ``per_layer``, else one global count);
+    SparsecraftError, with the largest reachable sparsity, when ``sparsity`` empties a layer."""
     if not 0.0 <= sparsity < 1.0:
         raise SparsecraftError(f"sparsity={sparsity} must lie in [0, 1): the fraction of nodes removed")
     if per_layer:
@@ -96,11 +97,6 @@ def _check_sparsity(space: NodeSpace, sparsity: float, per_layer: bool) -> list[
             f"{len(space.widths)} hidden layers): lower sparsity or widen the model"
         )
     return [drop]
-
-
-def check_sparsity(space: NodeSpace, sparsity: float, per_layer: bool = False) -> None:
-    """Raise SparsecraftError (with the largest reachable sparsity) unless ``sparsity`` is reachable."""
-    _check_sparsity(space, sparsity, per_layer)
 
 
 @lru_cache(maxsize=64)
@@ -147,7 +143,7 @@ def _global_drops(widths: tuple[int, ...], drop: int, generator: torch.Generator
 def sample_configuration(space: NodeSpace, sparsity: float, generator: torch.Generator, per_layer: bool = False) -> Configuration:
     """Keep-masks that drop exactly ``round(sparsity * total)`` nodes, uniformly among the subsets
     that leave every hidden layer a node (or, ``per_layer``, ``round(sparsity * width)`` per layer)."""
-    drops = _check_sparsity(space, sparsity, per_layer)
+    drops = check_sparsity(space, sparsity, per_layer)
     counts = drops if per_layer else _global_drops(space.widths, drops[0], generator)
     config: Configuration = {}
     for name, w, d in zip(space.hidden, space.widths, counts):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from sparsecraft.analysis.flops import count_flops
+from sparsecraft.analysis.flops import count_flops, kept_weights
 from sparsecraft.core.masking import masks_of
 from sparsecraft.data.images import Split
 from sparsecraft.methods.search.result import TrainedRow
@@ -41,18 +41,11 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def kept_and_total(model: nn.Module, names: list[str] | None = None) -> tuple[int, int]:
     """(nonzero weights, weights) over the named layers (default: every Linear/Conv layer).
 
-    Counts the weights the forward pass uses: the mask where one is attached (a ``weight_mask``
-    buffer, ours or a sparse operation's), else the weight's own zeros.
+    Counts what the forward pass uses (``analysis.flops.kept_weights``): the mask where one is
+    attached (a ``weight_mask`` buffer, ours or a sparse operation's), else the weight's nonzeros.
     """
-    kept = total = 0
-    for name, module in weight_layers(model):
-        if names is not None and name not in names:
-            continue
-        mask = module._buffers.get("weight_mask")
-        w = module.weight.detach()
-        kept += int(torch.count_nonzero(w if mask is None else w * mask))
-        total += w.numel()
-    return kept, total
+    layers = [m for name, m in weight_layers(model) if names is None or name in names]
+    return sum(kept_weights(m) for m in layers), sum(m.weight.numel() for m in layers)
 
 
 def forward_flops(model: nn.Module, example: Tensor) -> int:

@@ -48,7 +48,7 @@ def unrolled_arch_grads(network: SearchNetwork, train_batch: tuple[Tensor, Tenso
     The network's weights are left as they were (the virtual step is undone). Momentum is not part
     of the virtual step (the paper's code includes it; with xi = the weight LR the difference is small).
     """
-    weights = [p for p in network.weight_parameters()]
+    weights = network.weight_parameters()
     alphas = network.arch_parameters()
     saved = [p.detach().clone() for p in weights]
 

@@ -84,6 +84,27 @@ def test_block_format_equals_the_dense_product(block, brows, bcols, density, tok
     assert_matches_dense(packed.linear(x, bias), x, W, bias)
 
 
+@pytest.mark.parametrize("tile", [8, 24, 40])
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "nm", "block"])
+def test_every_token_tile_width_and_a_ragged_last_tile_give_the_dense_product(monkeypatch, fmt, tile):
+    """X is transposed into tiles of `tile` tokens stored one after another; the last one is narrower."""
+    from sparsecraft.kernels import ops
+
+    inp = 64
+    monkeypatch.setattr(ops, "TILE_BYTES", tile * 4 * inp)
+    assert ops.token_tile(inp, 104) == tile
+    W = sparse_weight(37, inp, 0.3, tile)
+    if fmt == "nm":
+        W = torch.randn(37, inp) * NM(2, 4).mask(torch.randn(37, inp).abs())
+    kwargs = {"n": 2, "m": 4} if fmt == "nm" else {"block": (4, 4)} if fmt == "block" else {}
+    if fmt == "block":
+        W = torch.randn(36, inp) * (torch.rand(9, 1, 16, 1) < 0.4).expand(9, 4, 16, 4).reshape(36, inp)
+    packed = K.pack(W, fmt, **kwargs)
+    x = torch.randn(100, inp)  # tp = 104: tiles of `tile` tokens, then 104 % tile
+    bias = torch.randn(W.shape[0])
+    assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block"])
 def test_half_precision_values_equal_the_product_with_rounded_weights(dtype, fmt):

@@ -26,15 +26,17 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
-ABI_VERSION = 4
+ABI_VERSION = 5
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+#: Every product ends with xt, y, bias, out, in, tp, tokens, tile, threads (see sparse_kernels.cpp).
+_TAIL = [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _i32]
 SIGNATURES = {
-    "sc_csr16": [_p, _p, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
-    "sc_bitmask": [_p, _p, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
-    "sc_nm_half": [_p, _p, _i64, _i64, _p, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
-    "sc_block": [_p, _p, _p, _i32, _i32, _i32, _p, _p, _p, _i64, _i64, _i64, _i64, _i32],
+    "sc_csr16": [_p, _p, _p, _i32, *_TAIL],
+    "sc_bitmask": [_p, _p, _i64, _p, _i32, *_TAIL],
+    "sc_nm_half": [_p, _p, _i64, _p, _i32, *_TAIL],
+    "sc_block": [_p, _p, _p, _i32, _i32, _i32, *_TAIL],
 }
 
 
@@ -96,7 +98,7 @@ def library() -> ctypes.CDLL | None:
         for name, argtypes in SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i32], None
+        lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i64, _i32], None
         lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
         lib.sc_colskip.restype = _i64
         lib.sc_gated_rows.argtypes, lib.sc_gated_rows.restype = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32], None

@@ -1,10 +1,14 @@
 // sparsecraft CPU kernels: Y = W X + bias for a sparse W (out x in) and X given transposed.
 //
-// Layout shared by every kernel: xt is (in, tp) row-major (token t of input feature j at
-// xt[j * tp + t], made by sc_transpose_pad), y is (tokens, out) like torch's F.linear. tp == 1
-// is the one-token decode case (memory-bound: read the format once, in order); tp > 1 is a
-// multiple of 8 (zero-padded tokens are computed but not stored) and compute-bound: each kept
-// weight does a broadcast-FMA over a tile of tokens held in registers.
+// Layout shared by every kernel: y is (tokens, out) like torch's F.linear. One token (tp == 1,
+// decoding: memory-bound, read the format once, in order) takes x itself. More tokens are padded
+// to tp, a multiple of 8 (padding tokens are computed but not stored), and transposed by
+// sc_transpose_pad into tiles of `tile` tokens stored one after the other: tile k holds tokens
+// t0 = k * tile .. t0 + w - 1 (w = min(tile, tp - t0)) as an (in, w) row-major block starting at
+// xt + t0 * in. Each tile is contiguous, so the rows of X a tile's kept weights pick at random
+// share the caches' sets evenly (a (in, tp) layout with tp = 256 strides 1 KiB between rows and
+// used a quarter of the L2's sets: 1.5x slower at 90% on 4096x4096). Compute-bound: each kept
+// weight does a broadcast-FMA over a run of tokens held in registers.
 //
 // Values are float32, float16 or bfloat16 (vdtype 0, 1, 2), always accumulated in float32.
 // Compiled at first use by sparsecraft.kernels.build with -O3 -march=native -fopenmp; the
@@ -63,19 +67,21 @@ inline void write_block(const float* buf, float* y, int64_t r0, int64_t rows, in
 // y (16 outputs of one token) is written by one thread only (no false sharing between cores).
 constexpr int64_t kRowGroup = 16;
 
-// Runs row_fn(r, t0, stop, dst) for every output r and token tile [t0, stop), dst + t being where
-// token t of output r goes in the item's buffer; the items are (tile, group of kRowGroup rows).
+// Runs row_fn(r, xtile, w, dst) for every output r and token tile (xtile: the tile's (in, w)
+// block of X; dst + t is where token t of the tile goes for output r); the work items are
+// (tile, group of kRowGroup rows).
 template <typename RowFn>
-void tiled_rows(int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads, float* y, RowFn row_fn) {
+void tiled_rows(int64_t out, int64_t in, const float* xt, int64_t tp, int64_t tokens, int64_t tile, int threads,
+                float* y, RowFn row_fn) {
     const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kRowGroup - 1) / kRowGroup;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * groups; ++item) {
         const int64_t t0 = (item / groups) * tile, r0 = (item % groups) * kRowGroup;
-        const int64_t stop = tp < t0 + tile ? tp : t0 + tile;
+        const int64_t w = tp - t0 < tile ? tp - t0 : tile;
         const int64_t rows = out - r0 < kRowGroup ? out - r0 : kRowGroup;
         alignas(32) float buf[kRowGroup * kMaxTile];
-        for (int64_t i = 0; i < rows; ++i) row_fn(r0 + i, t0, stop, buf + i * kMaxTile - t0);
-        write_block(buf, y, r0, rows, out, t0, stop, tokens);
+        for (int64_t i = 0; i < rows; ++i) row_fn(r0 + i, xt + t0 * in, w, buf + i * kMaxTile);
+        write_block(buf, y, r0, rows, out, t0, t0 + w, tokens);
     }
 }
 
@@ -109,21 +115,21 @@ void csr16_mv(const int32_t* rp, const uint16_t* cols, const void* vals, const f
 // One row over one tile of nv*8 tokens; u independent accumulator sets hide the FMA latency
 // when the tile is narrow (nv * u >= 4 chains in flight).
 template <int D, int NV, int U>
-inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xt,
-                           int64_t tp, int64_t t0, float* dst, float b) {
+inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xtile,
+                           int64_t w, int64_t t0, float* dst, float b) {
     __m256 acc[U][NV];
     for (int u = 0; u < U; ++u)
         for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_set1_ps(u == 0 ? b : 0.0f);
     for (; k + U <= end; k += U) {
         for (int u = 0; u < U; ++u) {
             const __m256 v = _mm256_set1_ps(load1<D>(vals, k + u));
-            const float* xr = xt + static_cast<int64_t>(cols[k + u]) * tp + t0;
+            const float* xr = xtile + static_cast<int64_t>(cols[k + u]) * w + t0;
             for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
         }
     }
     for (; k < end; ++k) {
         const __m256 v = _mm256_set1_ps(load1<D>(vals, k));
-        const float* xr = xt + static_cast<int64_t>(cols[k]) * tp + t0;
+        const float* xr = xtile + static_cast<int64_t>(cols[k]) * w + t0;
         for (int j = 0; j < NV; ++j) acc[0][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[0][j]);
     }
     for (int j = 0; j < NV; ++j) {
@@ -134,15 +140,15 @@ inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const v
 }
 
 template <int D>
-void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
+void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t in, const float* xt, float* y,
               const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    tiled_rows(out, tp, tokens, tile, threads, y, [&](int64_t r, int64_t t0, int64_t stop, float* dst) {
+    tiled_rows(out, in, xt, tp, tokens, tile, threads, y, [&](int64_t r, const float* xtile, int64_t w, float* dst) {
         const float b = bias ? bias[r] : 0.0f;
-        int64_t t = t0;
-        for (; t + 64 <= stop; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
-        for (; t + 32 <= stop; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
-        for (; t + 16 <= stop; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
-        for (; t + 8 <= stop; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xt, tp, t, dst + t, b);
+        int64_t t = 0;
+        for (; t + 64 <= w; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 32 <= w; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 16 <= w; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 8 <= w; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
     });
 }
 
@@ -264,8 +270,8 @@ void nm_half_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64
 }
 
 template <int D, int NV>
-inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xt,
-                             int64_t tp, int64_t t0, float* dst, float bias) {
+inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xtile,
+                             int64_t w, int64_t t0, float* dst, float bias) {
     __m256 acc[NV];
     for (int j = 0; j < NV; ++j) acc[j] = _mm256_set1_ps(bias);
     for (int64_t c = 0; c < row_bytes; ++c) {
@@ -274,7 +280,7 @@ inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, c
             const int64_t col = 8 * c + __builtin_ctz(m);
             m &= m - 1;
             const __m256 v = _mm256_set1_ps(load1<D>(vals, off++));
-            const float* xr = xt + col * tp + t0;
+            const float* xr = xtile + col * w + t0;
             for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[j]);
         }
     }
@@ -282,15 +288,15 @@ inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, c
 }
 
 template <int D>
-void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
+void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64_t in, const void* vals, const float* xt,
                 float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    tiled_rows(out, tp, tokens, tile, threads, y, [&](int64_t r, int64_t t0, int64_t stop, float* dst) {
+    tiled_rows(out, in, xt, tp, tokens, tile, threads, y, [&](int64_t r, const float* xtile, int64_t w, float* dst) {
         const float bv = bias ? bias[r] : 0.0f;
         const uint8_t* b = bits + r * row_bytes;
-        int64_t t = t0;
-        for (; t + 64 <= stop; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
-        for (; t + 32 <= stop; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
-        for (; t + 8 <= stop; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xt, tp, t, dst + t, bv);
+        int64_t t = 0;
+        for (; t + 64 <= w; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        for (; t + 32 <= w; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        for (; t + 8 <= w; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
     });
 }
 
@@ -322,23 +328,25 @@ void block_mv(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
 }
 
 template <int D>
-void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
-              float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int threads) {
+void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, int64_t in, const float* xt,
+              float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
     const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
     const int64_t tiles = tp / 8;
     constexpr int kMaxBh = 16;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, block_rows_per_chunk(bh))
     for (int64_t item = 0; item < tiles * brows; ++item) {
         const int64_t br = item % brows, t0 = (item / brows) * 8;
+        const int64_t tile0 = t0 / tile * tile, w = tp - tile0 < tile ? tp - tile0 : tile;  // t0's tile
+        const float* xtile = xt + tile0 * in + (t0 - tile0);
         for (int i0 = 0; i0 < bh; i0 += kMaxBh) {
             const int rows = bh - i0 < kMaxBh ? bh - i0 : kMaxBh;
             __m256 acc[kMaxBh];
             for (int i = 0; i < rows; ++i) acc[i] = _mm256_set1_ps(bias ? bias[br * bh + i0 + i] : 0.0f);
             for (int64_t k = brp[br]; k < brp[br + 1]; ++k) {
-                const float* xr = xt + static_cast<int64_t>(bcols[k]) * bw * tp + t0;
+                const float* xr = xtile + static_cast<int64_t>(bcols[k]) * bw * w;
                 const int64_t base = k * bsize + static_cast<int64_t>(i0) * bw;
                 for (int j = 0; j < bw; ++j) {
-                    const __m256 xv = _mm256_loadu_ps(xr + j * tp);
+                    const __m256 xv = _mm256_loadu_ps(xr + j * w);
                     for (int i = 0; i < rows; ++i)
                         acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j)), xv, acc[i]);
                 }
@@ -360,34 +368,33 @@ int dispatch(int vdtype, A... a) {
     }
 }
 
+// Every product's trailing arguments, after the format's arrays: xt, y (tokens, out), bias (may be
+// null), out, in, tp, tokens, the token tile (tp > 1) and the thread count.
+#define SC_TAIL const float *xt, float *y, const float *bias, int64_t out, int64_t in, int64_t tp, int64_t tokens, \
+                int64_t tile, int threads
+
 template <int D> struct Csr16 {
-    static void run(const int32_t* rp, const uint16_t* cols, const void* vals, const float* xt, float* y,
-                    const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+    static void run(const int32_t* rp, const uint16_t* cols, const void* vals, SC_TAIL) {
         if (tp == 1) csr16_mv<D>(rp, cols, vals, xt, y, bias, out, threads);
-        else csr16_mm<D>(rp, cols, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        else csr16_mm<D>(rp, cols, vals, in, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct Bitmask {
-    static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* xt,
-                    float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
+    static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
         if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
-        else bitmask_mm<D>(rp, bits, row_bytes, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct NMHalf {
-    static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64_t in, const void* vals,
-                    const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
-                    int threads) {
+    static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
         if (tp == 1) nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
-        else bitmask_mm<D>(rp, bits, row_bytes, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct Block {
-    static void run(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, const float* xt,
-                    float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-        (void)tile;  // blocks reuse each x row over bh outputs already; one 8-token tile at a time
+    static void run(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, SC_TAIL) {
         if (tp == 1) block_mv<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, threads);
-        else block_mm<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, tp, tokens, threads);
+        else block_mm<D>(brp, bcols, vals, bh, bw, in, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 
@@ -396,14 +403,18 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-int sc_abi_version() { return 4; }  // 4: sc_nm_half; 3: activation_kernels.cpp (sc_colskip) in the same library
+// 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
+int sc_abi_version() { return 5; }
 
-// xt (in, tp) = x (tokens, in) transposed, tokens tokens..tp-1 zero: 8x8 blocks transposed in
-// registers (full 32-byte loads and stores), the ragged edges element by element.
-void sc_transpose_pad(const float* x, int64_t tokens, int64_t in, float* xt, int64_t tp, int threads) {
+// xt = x (tokens, in) transposed into tiles of `tile` tokens (the layout at the top of this file),
+// tokens tokens..tp-1 zero: 8x8 blocks transposed in registers (full 32-byte loads and stores), the
+// ragged edges element by element. tile is a multiple of 8, so no 8-token block straddles two tiles.
+void sc_transpose_pad(const float* x, int64_t tokens, int64_t in, float* xt, int64_t tp, int64_t tile, int threads) {
     const int64_t full_t = tokens / 8 * 8, full_j = in / 8 * 8;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t t0 = 0; t0 < tp; t0 += 8) {
+        const int64_t tile0 = t0 / tile * tile, w = tp - tile0 < tile ? tp - tile0 : tile;
+        float* dst = xt + tile0 * in + (t0 - tile0);  // feature j of token t0 + i goes to dst[j * w + i]
         if (t0 < full_t) {
             for (int64_t j0 = 0; j0 < full_j; j0 += 8) {
                 __m256 r[8], u[8];
@@ -419,44 +430,35 @@ void sc_transpose_pad(const float* x, int64_t tokens, int64_t in, float* xt, int
                     r[i + 3] = _mm256_shuffle_ps(u[i + 1], u[i + 3], 0xEE);
                 }
                 for (int i = 0; i < 4; ++i) {
-                    _mm256_storeu_ps(xt + (j0 + i) * tp + t0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-                    _mm256_storeu_ps(xt + (j0 + i + 4) * tp + t0, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+                    _mm256_storeu_ps(dst + (j0 + i) * w, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+                    _mm256_storeu_ps(dst + (j0 + i + 4) * w, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
                 }
             }
             for (int64_t j = full_j; j < in; ++j)
-                for (int64_t t = t0; t < t0 + 8; ++t) xt[j * tp + t] = x[t * in + j];
+                for (int64_t i = 0; i < 8; ++i) dst[j * w + i] = x[(t0 + i) * in + j];
         } else {
             for (int64_t j = 0; j < in; ++j)
-                for (int64_t t = t0; t < t0 + 8; ++t) xt[j * tp + t] = t < tokens ? x[t * in + j] : 0.0f;
+                for (int64_t i = 0; i < 8; ++i) dst[j * w + i] = t0 + i < tokens ? x[(t0 + i) * in + j] : 0.0f;
         }
     }
 }
 
-// Every product: the format's arrays first, then xt, y (tokens, out), bias (may be null), out,
-// tp, tokens, the token tile (tp > 1) and the thread count.
-int sc_csr16(const int32_t* rp, const uint16_t* cols, const void* vals, int vdtype, const float* xt, float* y,
-             const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    return dispatch<Csr16>(vdtype, rp, cols, vals, xt, y, bias, out, tp, tokens, tile, threads);
+int sc_csr16(const int32_t* rp, const uint16_t* cols, const void* vals, int vdtype, SC_TAIL) {
+    return dispatch<Csr16>(vdtype, rp, cols, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
-int sc_bitmask(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype,
-               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
-               int threads) {
-    return dispatch<Bitmask>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, tp, tokens, tile, threads);
+int sc_bitmask(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype, SC_TAIL) {
+    return dispatch<Bitmask>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
-// N:M formats at half density whose groups tile bytes (2:4, 4:8, 1:2): the bitmask arrays plus
-// the input width; one token takes nm_half_mv, more take the bitmask kernel.
-int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64_t in, const void* vals, int vdtype,
-               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
-               int threads) {
-    return dispatch<NMHalf>(vdtype, rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
+// N:M formats at half density whose groups tile bytes (2:4, 4:8, 1:2): the bitmask arrays; one
+// token takes nm_half_mv, more take the bitmask kernel.
+int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype, SC_TAIL) {
+    return dispatch<NMHalf>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
-int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw,
-             const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
-             int threads) {
-    return dispatch<Block>(vdtype, brp, bcols, vals, bh, bw, xt, y, bias, out, tp, tokens, tile, threads);
+int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw, SC_TAIL) {
+    return dispatch<Block>(vdtype, brp, bcols, vals, bh, bw, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
 }  // extern "C"

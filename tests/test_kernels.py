@@ -191,6 +191,51 @@ def test_fallback_without_the_library_is_correct_and_warns_once(monkeypatch):
         build.library.cache_clear()
 
 
+def one_token_cases() -> list[tuple[torch.Tensor, str, dict]]:
+    """Weights for the one-token decoders: odd widths (a last byte alone, in % 8 != 0), N:M, empty rows."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for out, inp in ((9, 8), (13, 24), (7, 77), (33, 200)):
+        W = sparse_weight(out, inp, 0.4, out)
+        W[0] = 0
+        cases.append((W, "bitmask", {}))
+    for n, m in ((2, 4), (4, 8), (1, 4)):
+        W = torch.randn(21, 8 * m * 3, generator=g)
+        cases.append((W * NM(n, m).mask(W.abs()), "nm", {"n": n, "m": m}))
+    return cases
+
+
+def test_the_default_build_uses_avx512_where_the_cpu_has_it():
+    flags = open("/proc/cpuinfo").read()
+    if " avx512f" not in flags or " avx512bw" not in flags:
+        pytest.skip("no AVX-512 on this CPU: the AVX2 kernels are the default")
+    assert build.library().sc_vector_bits() == 512
+
+
+def test_the_avx2_kernels_equal_the_dense_product_on_any_cpu(monkeypatch, tmp_path):
+    """The AVX2 one-token decoders (what CPUs without AVX-512 run), built with -mno-avx512f."""
+    monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
+    monkeypatch.setenv(build.EXTRA_FLAGS_ENV, "-mno-avx512f")
+    build.library.cache_clear()
+    try:
+        assert build.library().sc_vector_bits() == 256
+        for W, fmt, kwargs in one_token_cases():
+            for dtype in (torch.float32, torch.float16):
+                packed = K.pack(W, fmt, dtype=dtype, **kwargs)
+                x = torch.randn(1, W.shape[1])
+                assert_matches_dense(packed.linear(x), x, packed.to_dense(), None)
+    finally:
+        build.library.cache_clear()
+
+
+def test_the_one_token_decoders_equal_the_dense_product():
+    for W, fmt, kwargs in one_token_cases():
+        packed = K.pack(W, fmt, **kwargs)
+        for bias in (None, torch.randn(W.shape[0])):
+            x = torch.randn(1, W.shape[1])
+            assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
 def test_a_failing_build_falls_back_instead_of_raising(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "FLAGS", [*build.FLAGS, "-mno-avx2"])  # the source refuses to compile

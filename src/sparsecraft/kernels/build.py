@@ -28,6 +28,12 @@ from pathlib import Path
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
 ABI_VERSION = 5
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+#: Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 kernels on an AVX-512 machine.
+EXTRA_FLAGS_ENV = "SPARSECRAFT_KERNEL_FLAGS"
+
+
+def _flags() -> list[str]:
+    return FLAGS + os.environ.get(EXTRA_FLAGS_ENV, "").split()
 
 _p, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 #: Every product ends with xt, y, bias, out, in, tp, tokens, tile, threads (see sparse_kernels.cpp).
@@ -66,7 +72,7 @@ def _build(compiler: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -87,7 +93,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("sparsecraft kernels: no C++ compiler or not x86-64; sparse layers use plain PyTorch (slower)", stacklevel=2)
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(_flags()).encode(), version.encode(), _cpu_signature().encode()]))
     target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():

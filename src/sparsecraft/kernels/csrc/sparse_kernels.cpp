@@ -269,6 +269,51 @@ void nm_half_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// ---- One token with AVX-512 (float32 values): masked expand-loads decode the bitmask directly ----
+//
+// vexpandps puts the next popcount(m) packed values into the lanes m keeps (zeros elsewhere): one
+// instruction per 16 columns instead of a table permute and a mask per 8 (expand8). Fewer
+// instructions per byte also leave more loads in flight, which is what a memory-bound stream needs.
+// Serves bitmask and every N:M pattern (their bitmask has the same layout): 1.33x the AVX2 decoder
+// at 70% and 1.15-1.25x the 2:4 kernel (nm_half_mv) on Zen 4, same process, interleaved. csr16 keeps
+// its AVX2 gather (16-wide gathers were 5-12% slower), float16/bfloat16 values the AVX2 kernels.
+
+inline float bitmask_row_avx512(const uint8_t* b, int64_t row_bytes, const float* vals, int64_t off, const float* x) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= row_bytes; c += 8) {  // 64 columns per step, four independent sums
+        uint64_t word;
+        memcpy(&word, b + c, 8);
+        const __mmask16 m0 = word & 0xFFFF, m1 = (word >> 16) & 0xFFFF, m2 = (word >> 32) & 0xFFFF, m3 = word >> 48;
+        const int64_t o1 = off + __builtin_popcount(m0), o2 = o1 + __builtin_popcount(m1), o3 = o2 + __builtin_popcount(m2);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m0, vals + off), _mm512_loadu_ps(x + 8 * c), a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m1, vals + o1), _mm512_loadu_ps(x + 8 * c + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m2, vals + o2), _mm512_loadu_ps(x + 8 * c + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m3, vals + o3), _mm512_loadu_ps(x + 8 * c + 48), a3);
+        off += __builtin_popcountll(word);
+    }
+    for (; c < row_bytes; c += 2) {  // 16 columns (or the last 8: x is padded to row_bytes * 8 only)
+        const __mmask16 m = c + 2 <= row_bytes ? static_cast<__mmask16>(b[c] | (b[c + 1] << 8)) : b[c];
+        const __m512 xv = _mm512_maskz_loadu_ps(c + 2 <= row_bytes ? 0xFFFF : 0x00FF, x + 8 * c);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_expandloadu_ps(m, vals + off), xv, a0);
+        off += __builtin_popcount(m);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+void bitmask_mv_avx512(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const float* vals, const float* x,
+                       float* y, const float* bias, int64_t out, int threads) {
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
+    for (int64_t r = 0; r < out; ++r)
+        y[r] = bitmask_row_avx512(bits + r * row_bytes, row_bytes, vals, rp[r], x) + (bias ? bias[r] : 0.0f);
+}
+
+#define SC_AVX512 1
+#else
+#define SC_AVX512 0
+#endif
+
 template <int D, int NV>
 inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xtile,
                              int64_t w, int64_t t0, float* dst, float bias) {
@@ -373,6 +418,16 @@ int dispatch(int vdtype, A... a) {
 #define SC_TAIL const float *xt, float *y, const float *bias, int64_t out, int64_t in, int64_t tp, int64_t tokens, \
                 int64_t tile, int threads
 
+// The AVX-512 one-token decoder where the build has it (float32 values only), else the AVX2 one.
+inline void bitmask_mv_f32(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* x,
+                           float* y, const float* bias, int64_t out, int threads) {
+#if SC_AVX512
+    bitmask_mv_avx512(rp, bits, row_bytes, static_cast<const float*>(vals), x, y, bias, out, threads);
+#else
+    bitmask_mv<F32>(rp, bits, row_bytes, vals, x, y, bias, out, threads);
+#endif
+}
+
 template <int D> struct Csr16 {
     static void run(const int32_t* rp, const uint16_t* cols, const void* vals, SC_TAIL) {
         if (tp == 1) csr16_mv<D>(rp, cols, vals, xt, y, bias, out, threads);
@@ -381,13 +436,15 @@ template <int D> struct Csr16 {
 };
 template <int D> struct Bitmask {
     static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
-        if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
+        if (tp == 1 && SC_AVX512 && D == F32) bitmask_mv_f32(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
+        else if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
         else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct NMHalf {
     static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
-        if (tp == 1) nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
+        if (tp == 1 && SC_AVX512 && D == F32) bitmask_mv_f32(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
+        else if (tp == 1) nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
         else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
@@ -405,6 +462,9 @@ extern "C" {
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
 // 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
 int sc_abi_version() { return 5; }
+
+// Vector width of the one-token bitmask decoder in this build: 512 (AVX-512) or 256 (AVX2).
+int sc_vector_bits() { return SC_AVX512 ? 512 : 256; }
 
 // xt = x (tokens, in) transposed into tiles of `tile` tokens (the layout at the top of this file),
 // tokens tokens..tp-1 zero: 8x8 blocks transposed in registers (full 32-byte loads and stores), the

@@ -212,18 +212,19 @@ def test_the_default_build_uses_avx512_where_the_cpu_has_it():
     assert build.library().sc_vector_bits() == 512
 
 
-def test_the_avx2_kernels_equal_the_dense_product_on_any_cpu(monkeypatch, tmp_path):
-    """The AVX2 one-token decoders (what CPUs without AVX-512 run), built with -mno-avx512f."""
+def test_the_avx2_kernels_equal_the_dense_product(monkeypatch, tmp_path):
+    """The AVX2 kernels (what CPUs without AVX-512 run), built with -mno-avx512f."""
     monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
     monkeypatch.setenv(build.EXTRA_FLAGS_ENV, "-mno-avx512f")
     build.library.cache_clear()
     try:
         assert build.library().sc_vector_bits() == 256
-        for W, fmt, kwargs in one_token_cases():
+        for W, fmt, kwargs in [*one_token_cases(), (sparse_weight(19, 50, 0.3, 4), "csr16", {})]:
             for dtype in (torch.float32, torch.float16):
                 packed = K.pack(W, fmt, dtype=dtype, **kwargs)
-                x = torch.randn(1, W.shape[1])
-                assert_matches_dense(packed.linear(x), x, packed.to_dense(), None)
+                for tokens in (1, 57):  # 57: 32- 16- and 8-token register blocks
+                    x = torch.randn(tokens, W.shape[1])
+                    assert_matches_dense(packed.linear(x), x, packed.to_dense(), None)
     finally:
         build.library.cache_clear()
 

@@ -112,30 +112,56 @@ void csr16_mv(const int32_t* rp, const uint16_t* cols, const void* vals, const f
     }
 }
 
-// One row over one tile of nv*8 tokens; u independent accumulator sets hide the FMA latency
-// when the tile is narrow (nv * u >= 4 chains in flight).
-template <int D, int NV, int U>
+// Vector types for the many-token kernels (a kept weight broadcast times a run of tokens): 8 lanes
+// everywhere, 16 where the build has AVX-512.
+struct V256 {
+    using T = __m256;
+    static constexpr int lanes = 8;
+    static T set1(float f) { return _mm256_set1_ps(f); }
+    static T load(const float* p) { return _mm256_loadu_ps(p); }
+    static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+    static T add(T a, T b) { return _mm256_add_ps(a, b); }
+    static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+};
+#if defined(__AVX512F__)
+struct V512 {
+    using T = __m512;
+    static constexpr int lanes = 16;
+    static T set1(float f) { return _mm512_set1_ps(f); }
+    static T load(const float* p) { return _mm512_loadu_ps(p); }
+    static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+    static T add(T a, T b) { return _mm512_add_ps(a, b); }
+    static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+};
+using VWide = V512;
+#else
+using VWide = V256;
+#endif
+
+// One row over one tile of NV * V::lanes tokens; U independent accumulator sets hide the FMA
+// latency when the tile is narrow (NV * U >= 4 chains in flight).
+template <int D, typename V, int NV, int U>
 inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xtile,
                            int64_t w, int64_t t0, float* dst, float b) {
-    __m256 acc[U][NV];
+    typename V::T acc[U][NV];
     for (int u = 0; u < U; ++u)
-        for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_set1_ps(u == 0 ? b : 0.0f);
+        for (int j = 0; j < NV; ++j) acc[u][j] = V::set1(u == 0 ? b : 0.0f);
     for (; k + U <= end; k += U) {
         for (int u = 0; u < U; ++u) {
-            const __m256 v = _mm256_set1_ps(load1<D>(vals, k + u));
+            const typename V::T v = V::set1(load1<D>(vals, k + u));
             const float* xr = xtile + static_cast<int64_t>(cols[k + u]) * w + t0;
-            for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+            for (int j = 0; j < NV; ++j) acc[u][j] = V::fma(v, V::load(xr + V::lanes * j), acc[u][j]);
         }
     }
     for (; k < end; ++k) {
-        const __m256 v = _mm256_set1_ps(load1<D>(vals, k));
+        const typename V::T v = V::set1(load1<D>(vals, k));
         const float* xr = xtile + static_cast<int64_t>(cols[k]) * w + t0;
-        for (int j = 0; j < NV; ++j) acc[0][j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[0][j]);
+        for (int j = 0; j < NV; ++j) acc[0][j] = V::fma(v, V::load(xr + V::lanes * j), acc[0][j]);
     }
     for (int j = 0; j < NV; ++j) {
-        __m256 s = acc[0][j];
-        for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
-        _mm256_storeu_ps(dst + 8 * j, s);
+        typename V::T sum = acc[0][j];
+        for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][j]);
+        V::store(dst + V::lanes * j, sum);
     }
 }
 
@@ -145,10 +171,11 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
     tiled_rows(out, in, xt, tp, tokens, tile, threads, y, [&](int64_t r, const float* xtile, int64_t w, float* dst) {
         const float b = bias ? bias[r] : 0.0f;
         int64_t t = 0;
-        for (; t + 64 <= w; t += 64) csr16_row_tile<D, 8, 1>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
-        for (; t + 32 <= w; t += 32) csr16_row_tile<D, 4, 1>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
-        for (; t + 16 <= w; t += 16) csr16_row_tile<D, 2, 2>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
-        for (; t + 8 <= w; t += 8) csr16_row_tile<D, 1, 4>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        constexpr int L = VWide::lanes;  // 64 tokens = 64 / L registers
+        for (; t + 64 <= w; t += 64) csr16_row_tile<D, VWide, 64 / L, 1>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 32 <= w; t += 32) csr16_row_tile<D, VWide, 32 / L, L / 8>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 16 <= w; t += 16) csr16_row_tile<D, VWide, 16 / L, 2 * L / 8>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
+        for (; t + 8 <= w; t += 8) csr16_row_tile<D, V256, 1, 4>(rp[r], rp[r + 1], cols, vals, xtile, w, t, dst + t, b);
     });
 }
 
@@ -314,22 +341,22 @@ void bitmask_mv_avx512(const int32_t* rp, const uint8_t* bits, int64_t row_bytes
 #define SC_AVX512 0
 #endif
 
-template <int D, int NV>
+template <int D, typename V, int NV>
 inline void bitmask_row_tile(const uint8_t* b, int64_t row_bytes, int64_t off, const void* vals, const float* xtile,
                              int64_t w, int64_t t0, float* dst, float bias) {
-    __m256 acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = _mm256_set1_ps(bias);
+    typename V::T acc[NV];
+    for (int j = 0; j < NV; ++j) acc[j] = V::set1(bias);
     for (int64_t c = 0; c < row_bytes; ++c) {
         unsigned m = b[c];
         while (m) {
             const int64_t col = 8 * c + __builtin_ctz(m);
             m &= m - 1;
-            const __m256 v = _mm256_set1_ps(load1<D>(vals, off++));
+            const typename V::T v = V::set1(load1<D>(vals, off++));
             const float* xr = xtile + col * w + t0;
-            for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xr + 8 * j), acc[j]);
+            for (int j = 0; j < NV; ++j) acc[j] = V::fma(v, V::load(xr + V::lanes * j), acc[j]);
         }
     }
-    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(dst + 8 * j, acc[j]);
+    for (int j = 0; j < NV; ++j) V::store(dst + V::lanes * j, acc[j]);
 }
 
 template <int D>
@@ -339,9 +366,11 @@ void bitmask_mm(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64
         const float bv = bias ? bias[r] : 0.0f;
         const uint8_t* b = bits + r * row_bytes;
         int64_t t = 0;
-        for (; t + 64 <= w; t += 64) bitmask_row_tile<D, 8>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
-        for (; t + 32 <= w; t += 32) bitmask_row_tile<D, 4>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
-        for (; t + 8 <= w; t += 8) bitmask_row_tile<D, 1>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        constexpr int L = VWide::lanes;
+        for (; t + 64 <= w; t += 64) bitmask_row_tile<D, VWide, 64 / L>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        for (; t + 32 <= w; t += 32) bitmask_row_tile<D, VWide, 32 / L>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        for (; t + 16 <= w; t += 16) bitmask_row_tile<D, VWide, 16 / L>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
+        for (; t + 8 <= w; t += 8) bitmask_row_tile<D, V256, 1>(b, row_bytes, rp[r], vals, xtile, w, t, dst + t, bv);
     });
 }
 

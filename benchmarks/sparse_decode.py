@@ -1,9 +1,11 @@
 """End-to-end: SmolLM2-135M pruned (magnitude: speed, not quality, is measured here), dense vs
 ``sparsecraft.accelerate`` on this CPU, in one run.
 
-For each setting the same pruned model is timed dense, then accelerated for one-token decoding
-(T = 1) and timed again: decode tokens/s at batch 1 (greedy ``generate`` with the KV cache, the
-prompt's prefill subtracted) and prefill tokens/s of one 256-token forward. ``--prune-head``
+For each setting the pruned model and an accelerated copy (tuned for one-token decoding, T = 1)
+are timed in alternating rounds (dense, accelerated, dense, ...; ``--rounds``), so a swing in the
+machine's memory bandwidth hits both: decode tokens/s at batch 1 (greedy ``generate`` with the KV
+cache, the prompt's prefill subtracted) and prefill tokens/s of one 256-token forward; the row
+keeps every round and the medians. ``--prune-head``
 also prunes the LM head (tied to the embedding in SmolLM2, so this untied copy is pruned alone).
 
     python benchmarks/sparse_decode.py                        # settings 0.5, 0.7, 2:4 (+ 0.9)
@@ -17,6 +19,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -68,18 +71,24 @@ def main(args: argparse.Namespace) -> None:
         prune(model, setting, args.prune_head)
         row = {"setting": setting, "prune_head": args.prune_head, "threads": args.threads, "new_tokens": args.new_tokens,
                "prefill_tokens": args.prefill, "date": time.strftime("%Y-%m-%d %H:%M")}
-        row["dense"] = measure(model, prompt, prefill_ids, args.new_tokens)
-        report = accelerate(model, tokens=1, progress=False, use_cache=False)
+        fast = copy.deepcopy(model)
+        report = accelerate(fast, tokens=1, progress=False, use_cache=False)
         row["swapped"], row["layers"] = len(report.swapped), len(report.layers)
         row["formats"] = sorted({d.format for d in report.swapped})
-        row["accelerated"] = measure(model, prompt, prefill_ids, args.new_tokens)
+        rounds: dict[str, list[dict]] = {"dense": [], "accelerated": []}
+        for _ in range(args.rounds):
+            for name, candidate in (("dense", model), ("accelerated", fast)):
+                rounds[name].append(measure(candidate, prompt, prefill_ids, args.new_tokens))
+        for name, samples in rounds.items():
+            row[name] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+        row["rounds"] = rounds
         row["decode_speedup"] = row["accelerated"]["decode_tok_s"] / row["dense"]["decode_tok_s"]
         row["prefill_speedup"] = row["accelerated"]["prefill_tok_s"] / row["dense"]["prefill_tok_s"]
         row["loadavg_5min"] = os.getloadavg()[1]
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-        del model
+        del model, fast
 
 
 def table(args: argparse.Namespace) -> None:
@@ -99,6 +108,7 @@ if __name__ == "__main__":
     p.add_argument("--prune-head", action="store_true")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="alternating dense / accelerated rounds (medians reported)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--results", default=str(HERE / "results" / "sparse_decode.jsonl"))
     p.add_argument("--table", action="store_true")

@@ -202,6 +202,9 @@ def one_token_cases() -> list[tuple[torch.Tensor, str, dict]]:
     for n, m in ((2, 4), (4, 8), (1, 4)):
         W = torch.randn(21, 8 * m * 3, generator=g)
         cases.append((W * NM(n, m).mask(W.abs()), "nm", {"n": n, "m": m}))
+    # big enough for two threads, rows split by work: the first 300 rows empty, then ever denser ones
+    W = torch.randn(600, 520, generator=g) * (torch.rand(600, 520, generator=g) < torch.linspace(-1, 1, 600)[:, None])
+    cases += [(W, "bitmask", {}), (W, "csr16", {})]
     return cases
 
 
@@ -230,11 +233,16 @@ def test_the_avx2_kernels_equal_the_dense_product(monkeypatch, tmp_path):
 
 
 def test_the_one_token_decoders_equal_the_dense_product():
-    for W, fmt, kwargs in one_token_cases():
-        packed = K.pack(W, fmt, **kwargs)
-        for bias in (None, torch.randn(W.shape[0])):
-            x = torch.randn(1, W.shape[1])
-            assert_matches_dense(packed.linear(x, bias), x, W, bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the big case splits its rows between two threads
+    try:
+        for W, fmt, kwargs in one_token_cases():
+            packed = K.pack(W, fmt, **kwargs)
+            for bias in (None, torch.randn(W.shape[0])):
+                x = torch.randn(1, W.shape[1])
+                assert_matches_dense(packed.linear(x, bias), x, W, bias)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_failing_build_falls_back_instead_of_raising(monkeypatch, tmp_path):

@@ -85,6 +85,33 @@ void tiled_rows(int64_t out, int64_t in, const float* xt, int64_t tp, int64_t to
     }
 }
 
+// One token: each thread takes one contiguous run of rows, all runs about the same work (work of
+// row r = its stored values + per_row, found by binary search in the row pointers). Contiguous runs
+// keep each thread's reads one sequential stream: for the bitmask and N:M decoders on the small, cold
+// matrices of decoding (576x576, 1536x576) 1.2-1.6x faster than handing out chunks of 16 rows
+// dynamically (2026-12-03); csr16 (bound by its gathers) gained nothing and keeps the dynamic chunks.
+template <typename RowFn>
+void split_rows(const int32_t* rp, int64_t rows, int64_t per_row, int threads, RowFn row_fn) {
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int n = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t total = rp[rows] - rp[0] + rows * per_row;
+        auto first_row = [&](int k) -> int64_t {  // first row whose work so far reaches k / n of the total
+            if (k >= n) return rows;
+            const int64_t target = total * k / n;
+            int64_t lo = 0, hi = rows;
+            while (lo < hi) {
+                const int64_t mid = (lo + hi) / 2;
+                if (rp[mid] - rp[0] + mid * per_row < target) lo = mid + 1;
+                else hi = mid;
+            }
+            return lo;
+        };
+        const int64_t stop = first_row(id + 1);
+        for (int64_t r = first_row(id); r < stop; ++r) row_fn(r);
+    }
+}
+
 // ---- CSR with 16-bit column indices -----------------------------------------------------
 
 template <int D>
@@ -210,8 +237,7 @@ template <int D>
 void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* x,
                 float* y, const float* bias, int64_t out, int threads) {
     // x is padded with zeros to row_bytes * 8 entries by the caller.
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
-    for (int64_t r = 0; r < out; ++r) {
+    split_rows(rp, out, row_bytes * 8, threads, [&](int64_t r) {
         const uint8_t* b = bits + r * row_bytes;
         int64_t off = rp[r];
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -234,7 +260,7 @@ void bitmask_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const
         a0 = _mm256_add_ps(a0, a2);
         a1 = _mm256_add_ps(a1, a3);
         y[r] = hsum(_mm256_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
-    }
+    });
 }
 
 // ---- N:M at half density (2:4, 4:8, 1:2): every byte of the bitmask holds exactly 4 kept ----
@@ -274,8 +300,7 @@ template <int D>
 void nm_half_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64_t in, const void* vals,
                 const float* x, float* y, const float* bias, int64_t out, int threads) {
     const int64_t full = in / 8;  // bytes that cover 8 real inputs; a ragged last byte goes scalar
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
-    for (int64_t r = 0; r < out; ++r) {
+    split_rows(rp, out, row_bytes * 8, threads, [&](int64_t r) {
         const uint8_t* b = bits + r * row_bytes;
         int64_t off = rp[r];
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
@@ -293,7 +318,7 @@ void nm_half_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64
         a0 = _mm256_add_ps(a0, a2);
         a1 = _mm256_add_ps(a1, a3);
         y[r] = hsum(_mm256_add_ps(a0, a1)) + tail + (bias ? bias[r] : 0.0f);
-    }
+    });
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -331,9 +356,9 @@ inline float bitmask_row_avx512(const uint8_t* b, int64_t row_bytes, const float
 
 void bitmask_mv_avx512(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const float* vals, const float* x,
                        float* y, const float* bias, int64_t out, int threads) {
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 16)
-    for (int64_t r = 0; r < out; ++r)
+    split_rows(rp, out, row_bytes * 8, threads, [&](int64_t r) {
         y[r] = bitmask_row_avx512(bits + r * row_bytes, row_bytes, vals, rp[r], x) + (bias ? bias[r] : 0.0f);
+    });
 }
 
 #define SC_AVX512 1

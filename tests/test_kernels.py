@@ -128,6 +128,20 @@ def test_a_transposed_weight_view_packs_row_major(fmt):
         assert_matches_dense(packed.linear(x[:tokens]), x[:tokens], W, None)
 
 
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask"])
+def test_leading_dimensions_and_zero_tokens_keep_their_shape(fmt):
+    W = sparse_weight(6, 16, 0.5, 5)
+    bias = torch.randn(6)
+    packed = K.pack(W, fmt)
+    for shape in ((2, 3, 16), (1, 1, 16), (4, 1, 1, 16), (0, 16), (2, 0, 16)):
+        x = torch.randn(shape)
+        y = packed.linear(x, bias)
+        assert y.shape == (*shape[:-1], 6)
+        assert_matches_dense(y.reshape(-1, 6), x.reshape(-1, 16), W, bias)
+    x = torch.randn(16, 3).t()  # not contiguous
+    assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
 def test_a_strided_bias_is_read_correctly():
     W = sparse_weight(16, 32, 0.4, 4)
     bias = torch.randn(32)[::2]  # a non-contiguous view

@@ -50,19 +50,16 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
         raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
     if not fast_path_applies(x, sw):
         return _fallback(x, sw, bias)
-    lead = x.shape[:-1]
-    x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-    if x2.dtype != torch.float32:
-        x2 = x2.float()
+    dtype = x.dtype
+    if dtype != torch.float32:
+        x = x.float()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _SparseLinearFunction.apply(x2, bias, sw)
+        y = _SparseLinearFunction.apply(x.reshape(-1, in_features), bias, sw).view(*x.shape[:-1], out_features)
     else:
-        y = _kernel(x2, sw, bias)
-    if y.dtype != x.dtype:
-        y = y.to(x.dtype)
-    return y if x.dim() == 2 else y.view(*lead, out_features)
+        y = _kernel(x, sw, bias)  # any leading dimensions: no reshape on the decode path (microseconds count)
+    return y if y.dtype == dtype else y.to(dtype)
 
 
 def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
@@ -99,25 +96,29 @@ def _plan(sw: SparseWeight) -> tuple:
 
 
 def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
+    """y (*lead, out) for x (*lead, in), float32 on CPU."""
     fn, prefix, nnz = _plan(sw)
-    tokens, in_features = x.shape
-    out_features = sw.shape[0]
+    out_features, in_features = sw.shape
+    tokens = x.numel() // in_features if in_features else 0
+    y = torch.empty(x.shape[:-1] + (out_features,))
+    if tokens == 0 or in_features == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
     # waking a second thread costs microseconds (a time slice on a busy machine): small products run on one
     threads = max(1, min(torch.get_num_threads(), nnz * max(tokens, 8) // MIN_WORK_PER_THREAD))
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()  # held in a local: a temporary's pointer would dangle during the call
+    if not x.is_contiguous():
+        x = x.contiguous()
     if tokens == 1:
         tp = tile = 1
-        xt = x if x.is_contiguous() else x.contiguous()
-        if in_features % 8 and sw.fmt in ("bitmask", "nm"):  # the bitmask kernel reads x 8 columns at a time
-            xt = F.pad(xt, (0, 8 - in_features % 8))
+        xt = x
+        if in_features % 8 and sw.fmt in ("bitmask", "nm"):  # the bitmask kernels read x 8 columns at a time
+            xt = F.pad(x.reshape(1, in_features), (0, 8 - in_features % 8))
     else:
         tp = (tokens + 7) // 8 * 8
         tile = token_tile(in_features, tp)
-        x = x if x.is_contiguous() else x.contiguous()
         xt = torch.empty(in_features * tp)  # tiles of `tile` tokens, each (in, tile) row-major
         library().sc_transpose_pad(x.data_ptr(), tokens, in_features, xt.data_ptr(), tp, tile, threads)
-    y = torch.empty(tokens, out_features)
     rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr(), out_features, in_features,
             tp, tokens, tile, threads)
     if rc:

@@ -2,8 +2,9 @@
 
 Why not a torch C++ extension: including torch's headers makes one compile take about a minute
 on two cores and ties the build to one torch version. The kernels only need raw pointers, so
-they are plain C++ (AVX2/FMA intrinsics, OpenMP), compiled in about two seconds with the
-system compiler and called through ctypes; pip installs nothing that could pull another torch.
+they are plain C++ (AVX2/FMA intrinsics, AVX-512 ones where -march=native has them, OpenMP),
+compiled in a few seconds with the system compiler and called through ctypes; pip installs
+nothing that could pull another torch.
 
 The library is cached under ``$SPARSECRAFT_CACHE/kernels`` (default ``~/.cache/sparsecraft``)
 by a hash of the source, the flags, the compiler and the CPU, written to a temporary name and

@@ -12,8 +12,9 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   weight. Best at one-token decoding below ~94% sparsity: no gathers, one byte per 8 columns.
 - ``nm``: N:M sparsity stored as a bitmask over each group of M (M bits per group: 2 bits per
   kept value for 2:4 and 4:8), validated to keep at most N per group and stored with exactly N
-  (explicit zeros fill a group that keeps fewer). Half-density N:M (2:4, 4:8) decodes one token
-  with its own kernel (fixed value offsets, inputs gathered by byte); otherwise the bitmask kernels.
+  (explicit zeros fill a group that keeps fewer). One token: with AVX-512 (float32 values) the
+  bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
+  has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
   any of its weights is nonzero, so the zeros inside kept blocks are multiplied too.
 """

@@ -101,7 +101,7 @@ def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
     out_features, in_features = sw.shape
     tokens = x.numel() // in_features if in_features else 0
     y = torch.empty(x.shape[:-1] + (out_features,))
-    if tokens == 0 or in_features == 0:
+    if tokens == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand_as(y))
     # waking a second thread costs microseconds (a time slice on a busy machine): small products run on one
     threads = max(1, min(torch.get_num_threads(), nnz * max(tokens, 8) // MIN_WORK_PER_THREAD))

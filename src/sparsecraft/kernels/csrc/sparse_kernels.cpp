@@ -484,14 +484,20 @@ int dispatch(int vdtype, A... a) {
 #define SC_TAIL const float *xt, float *y, const float *bias, int64_t out, int64_t in, int64_t tp, int64_t tokens, \
                 int64_t tile, int threads
 
-// The AVX-512 one-token decoder where the build has it (float32 values only), else the AVX2 one.
-inline void bitmask_mv_f32(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* x,
-                           float* y, const float* bias, int64_t out, int threads) {
+// One token through the AVX-512 decoder (bitmask and every N:M) when the build has it and the
+// values are float32; false when the caller's AVX2 kernel must run instead.
+template <int D>
+inline bool bitmask_mv_wide(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, const float* x,
+                            float* y, const float* bias, int64_t out, int threads) {
 #if SC_AVX512
-    bitmask_mv_avx512(rp, bits, row_bytes, static_cast<const float*>(vals), x, y, bias, out, threads);
+    if (D == F32) {
+        bitmask_mv_avx512(rp, bits, row_bytes, static_cast<const float*>(vals), x, y, bias, out, threads);
+        return true;
+    }
 #else
-    bitmask_mv<F32>(rp, bits, row_bytes, vals, x, y, bias, out, threads);
+    (void)rp, (void)bits, (void)row_bytes, (void)vals, (void)x, (void)y, (void)bias, (void)out, (void)threads;
 #endif
+    return false;
 }
 
 template <int D> struct Csr16 {
@@ -502,16 +508,16 @@ template <int D> struct Csr16 {
 };
 template <int D> struct Bitmask {
     static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
-        if (tp == 1 && SC_AVX512 && D == F32) bitmask_mv_f32(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
-        else if (tp == 1) bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
-        else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        if (tp > 1) bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        else if (!bitmask_mv_wide<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads))
+            bitmask_mv<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
     }
 };
 template <int D> struct NMHalf {
     static void run(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, SC_TAIL) {
-        if (tp == 1 && SC_AVX512 && D == F32) bitmask_mv_f32(rp, bits, row_bytes, vals, xt, y, bias, out, threads);
-        else if (tp == 1) nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
-        else bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        if (tp > 1) bitmask_mm<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, tp, tokens, tile, threads);
+        else if (!bitmask_mv_wide<D>(rp, bits, row_bytes, vals, xt, y, bias, out, threads))
+            nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
     }
 };
 template <int D> struct Block {

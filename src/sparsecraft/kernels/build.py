@@ -52,7 +52,7 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compiler() -> str | None:
+def find_compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
@@ -68,18 +68,33 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(compiler: str, target: Path) -> None:
+def compile_library(compiler: str, target: Path, sources: list[Path] = SOURCES) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([compiler, *_flags(), *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A compiled kernel library with its function signatures set (RuntimeError on an ABI mismatch)."""
+    lib = ctypes.CDLL(str(path))
+    if lib.sc_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"library ABI {lib.sc_abi_version()} != {ABI_VERSION}")
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i64, _i32], None
+    lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
+    lib.sc_colskip.restype = _i64
+    lib.sc_gated_rows.argtypes, lib.sc_gated_rows.restype = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32], None
+    return lib
 
 
 @lru_cache(maxsize=1)
@@ -89,7 +104,7 @@ def library() -> ctypes.CDLL | None:
         return None
     import torch  # noqa: F401  (load torch's OpenMP runtime first, so ours resolves to it)
 
-    compiler = _compiler()
+    compiler = find_compiler()
     if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
         warnings.warn("sparsecraft kernels: no C++ compiler or not x86-64; sparse layers use plain PyTorch (slower)", stacklevel=2)
         return None
@@ -98,18 +113,8 @@ def library() -> ctypes.CDLL | None:
     target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            _build(compiler, target)
-        lib = ctypes.CDLL(str(target))
-        if lib.sc_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"library ABI {lib.sc_abi_version()} != {ABI_VERSION}")
-        for name, argtypes in SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, ctypes.c_int
-        lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i64, _i32], None
-        lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
-        lib.sc_colskip.restype = _i64
-        lib.sc_gated_rows.argtypes, lib.sc_gated_rows.restype = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32], None
-        return lib
+            compile_library(compiler, target)
+        return load(target)
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
         warnings.warn(f"sparsecraft kernels unavailable ({exc}); sparse layers use plain PyTorch (slower)", stacklevel=2)
         return None

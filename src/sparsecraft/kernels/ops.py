@@ -48,7 +48,8 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
     out_features, in_features = sw.shape
     if x.shape[-1] != in_features:
         raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
-    if not fast_path_applies(x, sw):
+    # a plan exists only for a CPU weight with the kernels loaded: then only x's device is left to check
+    if not x.is_cpu or (sw._plan is None and not fast_path_applies(x, sw)):
         return _fallback(x, sw, bias)
     dtype = x.dtype
     if dtype != torch.float32:
@@ -59,7 +60,7 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
         y = _SparseLinearFunction.apply(x.reshape(-1, in_features), bias, sw).view(*x.shape[:-1], out_features)
     else:
         y = _kernel(x, sw, bias)  # any leading dimensions: no reshape on the decode path (microseconds count)
-    return y if y.dtype == dtype else y.to(dtype)
+    return y if dtype == torch.float32 else y.to(dtype)
 
 
 def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:

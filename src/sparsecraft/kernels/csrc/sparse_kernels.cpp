@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "sparsecraft kernels need AVX2, FMA and F16C"
 #endif
@@ -438,34 +440,78 @@ void block_mv(const int32_t* brp, const int32_t* bcols, const void* vals, int bh
     }
 }
 
+// Rows i0..i0+RB-1 of block row br over NV * V::lanes tokens from t into buf (row i0 first): for each column of a kept
+// block, its run of tokens is loaded once and used by all RB rows (the block's reuse: RB FMAs per
+// load, where csr16 has one).
+template <int D, typename V, int RB, int NV>
+inline void block_rows_tile(const int32_t* brp, const int32_t* bcols, const void* vals, int64_t br, int bh, int bw,
+                            int i0, const float* xtile, int64_t w, int64_t t, float* buf, const float* bias) {
+    typename V::T acc[RB][NV];
+    for (int i = 0; i < RB; ++i)
+        for (int n = 0; n < NV; ++n) acc[i][n] = V::set1(bias ? bias[br * bh + i0 + i] : 0.0f);
+    const int64_t bsize = static_cast<int64_t>(bh) * bw;
+    for (int64_t k = brp[br]; k < brp[br + 1]; ++k) {
+        const float* xb = xtile + static_cast<int64_t>(bcols[k]) * bw * w + t;
+        const int64_t base = k * bsize + static_cast<int64_t>(i0) * bw;
+        for (int j = 0; j < bw; ++j) {
+            typename V::T xv[NV];
+            for (int n = 0; n < NV; ++n) xv[n] = V::load(xb + j * w + n * V::lanes);
+            for (int i = 0; i < RB; ++i) {
+                const typename V::T v = V::set1(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j));
+                for (int n = 0; n < NV; ++n) acc[i][n] = V::fma(v, xv[n], acc[i][n]);
+            }
+        }
+    }
+    for (int i = 0; i < RB; ++i)
+        for (int n = 0; n < NV; ++n) V::store(buf + i * kMaxTile + t + n * V::lanes, acc[i][n]);
+}
+
+// Rows i0..i0+RB-1 of block row br over the tile's w tokens, as many tokens per pass as 16
+// accumulators hold (at most 64): passes over the blocks re-read their values, not X.
+template <int D, int RB>
+inline void block_rows(const int32_t* brp, const int32_t* bcols, const void* vals, int64_t br, int bh, int bw, int i0,
+                       const float* xtile, int64_t w, float* buf, const float* bias) {
+    constexpr int L = VWide::lanes;
+    int64_t t = 0;
+    if constexpr (RB * 8 <= 16 && 8 * L <= kMaxTile)
+        for (; t + 8 * L <= w; t += 8 * L) block_rows_tile<D, VWide, RB, 8>(brp, bcols, vals, br, bh, bw, i0, xtile, w, t, buf, bias);
+    if constexpr (RB * 4 <= 16 && 4 * L <= kMaxTile)
+        for (; t + 4 * L <= w; t += 4 * L) block_rows_tile<D, VWide, RB, 4>(brp, bcols, vals, br, bh, bw, i0, xtile, w, t, buf, bias);
+    if constexpr (RB * 2 <= 16)
+        for (; t + 2 * L <= w; t += 2 * L) block_rows_tile<D, VWide, RB, 2>(brp, bcols, vals, br, bh, bw, i0, xtile, w, t, buf, bias);
+    for (; t + L <= w; t += L) block_rows_tile<D, VWide, RB, 1>(brp, bcols, vals, br, bh, bw, i0, xtile, w, t, buf, bias);
+    for (; t + 8 <= w; t += 8) block_rows_tile<D, V256, RB, 1>(brp, bcols, vals, br, bh, bw, i0, xtile, w, t, buf, bias);
+}
+
 template <int D>
 void block_mm(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, int64_t in, const float* xt,
               float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile, int threads) {
-    const int64_t brows = out / bh, bsize = static_cast<int64_t>(bh) * bw;
-    const int64_t tiles = tp / 8;
-    constexpr int kMaxBh = 16;
-#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, block_rows_per_chunk(bh))
-    for (int64_t item = 0; item < tiles * brows; ++item) {
-        const int64_t br = item % brows, t0 = (item / brows) * 8;
-        const int64_t tile0 = t0 / tile * tile, w = tp - tile0 < tile ? tp - tile0 : tile;  // t0's tile
-        const float* xtile = xt + tile0 * in + (t0 - tile0);
-        for (int i0 = 0; i0 < bh; i0 += kMaxBh) {
-            const int rows = bh - i0 < kMaxBh ? bh - i0 : kMaxBh;
-            __m256 acc[kMaxBh];
-            for (int i = 0; i < rows; ++i) acc[i] = _mm256_set1_ps(bias ? bias[br * bh + i0 + i] : 0.0f);
-            for (int64_t k = brp[br]; k < brp[br + 1]; ++k) {
-                const float* xr = xtile + static_cast<int64_t>(bcols[k]) * bw * w;
-                const int64_t base = k * bsize + static_cast<int64_t>(i0) * bw;
-                for (int j = 0; j < bw; ++j) {
-                    const __m256 xv = _mm256_loadu_ps(xr + j * w);
-                    for (int i = 0; i < rows; ++i)
-                        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(load1<D>(vals, base + static_cast<int64_t>(i) * bw + j)), xv, acc[i]);
+    const int64_t brows = out / bh, per = block_rows_per_chunk(bh), chunks = (brows + per - 1) / per;
+    const int64_t tiles = (tp + tile - 1) / tile;
+    // work items: (token tile, chunk of block rows) in tile-major order, like tiled_rows
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * chunks; ++item) {
+        const int64_t t0 = (item / chunks) * tile, w = tp - t0 < tile ? tp - t0 : tile;
+        const float* xtile = xt + t0 * in;
+        const int64_t br0 = (item % chunks) * per, br1 = br0 + per < brows ? br0 + per : brows;
+        for (int64_t br = br0; br < br1; ++br)
+            for (int i0 = 0; i0 < bh;) {  // up to kRowGroup rows per pass through the block row's blocks
+                const int rows = bh - i0 < static_cast<int>(kRowGroup) ? bh - i0 : static_cast<int>(kRowGroup);
+                alignas(64) float buf[kRowGroup * kMaxTile];
+                for (int i = 0; i < rows;) {  // 8, 4, 2 or 1 rows at a time
+                    auto pass = [&](auto rb) {
+                        block_rows<D, decltype(rb)::value>(brp, bcols, vals, br, bh, bw, i0 + i, xtile, w, buf + i * kMaxTile, bias);
+                        i += rb;
+                    };
+                    const int left = rows - i;
+                    if (left >= 8) pass(std::integral_constant<int, 8>{});
+                    else if (left >= 4) pass(std::integral_constant<int, 4>{});
+                    else if (left >= 2) pass(std::integral_constant<int, 2>{});
+                    else pass(std::integral_constant<int, 1>{});
                 }
+                write_block(buf, y, br * bh + i0, rows, out, t0, t0 + w, tokens);
+                i0 += rows;
             }
-            alignas(32) float buf[kMaxBh * kMaxTile];
-            for (int i = 0; i < rows; ++i) _mm256_store_ps(buf + i * kMaxTile, acc[i]);
-            write_block(buf, y, br * bh + i0, rows, out, t0, t0 + 8, tokens);
-        }
     }
 }
 

@@ -4,13 +4,11 @@ training); FSDP2 keeps static masks and refuses mask changes on sharded weights.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _ranks import process_group, save_result, spawn_ranks
 from torch import nn
 
 from sparsecraft.core.masking import masks_of
@@ -35,10 +33,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps:
 
 
 def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, init_file):
         torch.manual_seed(0)  # same initial weights everywhere
         model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -62,15 +57,13 @@ def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) ->
             masks = {n: p != 0 for n, p in model.named_parameters() if n.endswith("weight")}
         else:
             masks = masks_of(model)
-        torch.save({"masks": masks, "state": model.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_result({"masks": masks, "state": model.state_dict()}, out_dir, rank)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("method", ["rigl", "set", "granet", "gmp", "snip", "nm"])
 def test_masks_are_identical_on_every_rank(tmp_path, method):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), method, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, 2, tmp_path, method, str(tmp_path))
     a = torch.load(tmp_path / "rank0.pt", weights_only=False)
     b = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert a["masks"].keys() == b["masks"].keys() and a["masks"]
@@ -88,9 +81,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from sparsecraft.core.prune import prune
     from sparsecraft.errors import SparsecraftError
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, init_file):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
         prune(model, sparsity=0.75, distribution="uniform", score="magnitude")  # static masks, before sharding
@@ -104,14 +95,12 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             refused = ""
         except SparsecraftError as e:
             refused = str(e)
-        torch.save({"masks": masks, "state": state, "refused": refused}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_result({"masks": masks, "state": state, "refused": refused}, out_dir, rank)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_keeps_static_masks_and_refuses_mask_changes_after_sharding(tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_fsdp_worker, 2, tmp_path, str(tmp_path))
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for name, mask in out["masks"].items():

@@ -7,20 +7,34 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _ranks import process_group, save_result, spawn_ranks
 from typer.testing import CliRunner
 
 from sparsecraft.cli.main import app
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.methods.sae import SAEConfig, SparseAutoencoder, TrainConfig, load_sae, save_sae, train_sae
-from sparsecraft.methods.sae import allocate, losses, metrics
-from sparsecraft.methods.sae.activations import (Harvest, ShuffleBuffer, check_enough_text, harvest, read_cache,
-                                                  repeat, write_cache)
+from sparsecraft.methods.sae import (
+    SAEConfig,
+    SparseAutoencoder,
+    TrainConfig,
+    allocate,
+    load_sae,
+    losses,
+    metrics,
+    save_sae,
+    train_sae,
+)
+from sparsecraft.methods.sae.activations import (
+    Harvest,
+    ShuffleBuffer,
+    check_enough_text,
+    harvest,
+    read_cache,
+    repeat,
+    write_cache,
+)
 from sparsecraft.methods.sae.hooks import resolve, run_captured, splice
 from sparsecraft.methods.sae.io import export_saelens
 from sparsecraft.methods.sae.train import geometric_median, lr_factor
@@ -440,20 +454,15 @@ def test_text_too_short_is_refused_before_work():
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, init_file):
         x, _ = synthetic(2048, seed=10 + rank)  # each rank its own data
         sae = SparseAutoencoder(SAEConfig(kind="batchtopk", d_in=32, d_sae=64, k=3))
         train_sae(sae, batches_of(x, 256), TrainConfig(tokens=2048, batch_size=256, lr=3e-3), progress=False)
-        torch.save(sae.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        save_result(sae.state_dict(), out_dir, rank)
 
 
 def test_ddp_training_leaves_identical_saes_on_every_rank(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, 2, tmp_path, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in a:
         assert torch.equal(a[name], b[name]), name

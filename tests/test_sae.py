@@ -15,26 +15,10 @@ from typer.testing import CliRunner
 
 from sparsecraft.cli.main import app
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.methods.sae import (
-    SAEConfig,
-    SparseAutoencoder,
-    TrainConfig,
-    allocate,
-    load_sae,
-    losses,
-    metrics,
-    save_sae,
-    train_sae,
-)
-from sparsecraft.methods.sae.activations import (
-    Harvest,
-    ShuffleBuffer,
-    check_enough_text,
-    harvest,
-    read_cache,
-    repeat,
-    write_cache,
-)
+from sparsecraft.methods.sae import SAEConfig, SparseAutoencoder, TrainConfig, load_sae, save_sae, train_sae
+from sparsecraft.methods.sae import allocate, losses, metrics
+from sparsecraft.methods.sae.activations import (Harvest, ShuffleBuffer, check_enough_text, harvest, read_cache,
+                                                  repeat, write_cache)
 from sparsecraft.methods.sae.hooks import resolve, run_captured, splice
 from sparsecraft.methods.sae.io import export_saelens
 from sparsecraft.methods.sae.train import geometric_median, lr_factor

@@ -229,10 +229,12 @@ def test_the_default_build_uses_avx512_exactly_where_the_cpu_has_it():
     assert build.library().sc_vector_bits() == (512 if has_avx512 else 256)
 
 
-def test_the_avx2_kernels_equal_the_dense_product(monkeypatch, tmp_path):
-    """The AVX2 kernels (what CPUs without AVX-512 run), built with -mno-avx512f."""
+@pytest.mark.parametrize("flags", ["-mno-avx512f", "-mno-avx512f -DSC_CSR16_GATHER"])
+def test_the_avx2_kernels_equal_the_dense_product(monkeypatch, tmp_path, flags):
+    """The AVX2 kernels (what CPUs without AVX-512 run), built with -mno-avx512f; csr16 decodes one
+    token with scalar loads there, or with gathers (what AVX-512 builds use) under -DSC_CSR16_GATHER."""
     monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
-    monkeypatch.setenv(build.EXTRA_FLAGS_ENV, "-mno-avx512f")
+    monkeypatch.setenv(build.EXTRA_FLAGS_ENV, flags)
     build.library.cache_clear()
     try:
         assert build.library().sc_vector_bits() == 256

@@ -154,7 +154,19 @@ inline float csr16_row_scalar(int64_t k, int64_t end, const uint16_t* cols, cons
         s2 += load1<D>(vals, k + 6) * x[cols[k + 6]];
         s3 += load1<D>(vals, k + 7) * x[cols[k + 7]];
     }
-    for (; k < end; ++k) s0 += load1<D>(vals, k) * x[cols[k]];
+    if (k + 4 <= end) {
+        s0 += load1<D>(vals, k) * x[cols[k]];
+        s1 += load1<D>(vals, k + 1) * x[cols[k + 1]];
+        s2 += load1<D>(vals, k + 2) * x[cols[k + 2]];
+        s3 += load1<D>(vals, k + 3) * x[cols[k + 3]];
+        k += 4;
+    }
+    if (k + 2 <= end) {
+        s0 += load1<D>(vals, k) * x[cols[k]];
+        s1 += load1<D>(vals, k + 1) * x[cols[k + 1]];
+        k += 2;
+    }
+    if (k < end) s2 += load1<D>(vals, k) * x[cols[k]];
     return (s0 + s1) + (s2 + s3);
 }
 

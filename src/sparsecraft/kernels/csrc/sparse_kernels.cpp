@@ -131,15 +131,17 @@ inline void prefetch_ahead(const char* values, const char* indices) {
 // One token, csr16: scalar loads and FMAs (four sums) or 8-wide hardware gathers. On Zen 3 (AVX2, no
 // AVX-512) the scalar loop is 1.1-1.2x faster on the small, cold matrices of decoding (576x576,
 // 1536x576 at 70-90%) and never slower elsewhere (768x3072, 3072x768, 4096x4096: 1.0-1.1x; interleaved
-// A/B of the two builds, benchmarks/kernel_ab.py, 2026-12-06); builds with AVX-512 keep the gathers,
-// measured on Zen 4 only. -DSC_CSR16_GATHER forces the gathers (a test checks both).
+// A/B of the two builds, benchmarks/kernel_ab.py, 2026-12-06). Builds with AVX-512 keep the gathers:
+// the scalar loop was not measured on an AVX-512 CPU. -DSC_CSR16_GATHER forces the gathers (a test checks both).
 #if defined(__AVX512F__) || defined(SC_CSR16_GATHER)
 constexpr bool kCsr16Scalar = false;
 #else
 constexpr bool kCsr16Scalar = true;
 #endif
 
-// One row's dot product with x, four scalar sums.
+// One row's dot product with x, four scalar sums, written out: the same as loops over an array of sums
+// and over steps of 4, 2, 1 ran 0.77-0.95x of this in the same A/B (2026-12-06). The row ends with
+// steps of 4, 2 and 1: one mispredicted exit per row instead of up to 7 scalar iterations.
 template <int D>
 inline float csr16_row_scalar(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* x) {
     float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;

@@ -3,7 +3,7 @@
 Each rank saves its result atomically; the ranks meet at a barrier before tearing the process
 group down, so neither closes its sockets while the other still talks to it. Gloo can still abort
 a process *after* its work is saved (``terminate called without an active exception`` in its
-transport threads at exit, seen in CI about once a run): each rank therefore leaves with
+transport threads at exit: it failed one CI run and recurred once in a full local run): each rank leaves with
 ``os._exit(0)`` once its result is saved, and an abort that still happens is tolerated only when
 every rank's result file is complete, and the test then checks those results as usual.
 """
@@ -45,9 +45,10 @@ def save_result(obj: object, out_dir: str, rank: int) -> None:
 
 
 def spawn_ranks(worker: Callable[..., None], world: int, out_dir: Path, *args: object) -> None:
-    """Run ``worker(rank, world, init_file, *args)`` on ``world`` processes."""
+    """Run ``worker(rank, world, init_file, out_dir, *args)`` on ``world`` processes; each rank saves
+    its result with ``save_result`` into ``out_dir``, where this checks for them after an abort."""
     try:
-        mp.spawn(worker, args=(world, str(out_dir / "init"), *args), nprocs=world, join=True)
+        mp.spawn(worker, args=(world, str(out_dir / "init"), str(out_dir), *args), nprocs=world, join=True)
     except mp.ProcessExitedException as e:
         saved = all((out_dir / f"rank{r}.pt").exists() for r in range(world))
         if e.signal_name is None or not saved:

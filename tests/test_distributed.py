@@ -32,7 +32,7 @@ def _train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, steps:
             after_step()
 
 
-def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str) -> None:
     with process_group(rank, world, init_file):
         torch.manual_seed(0)  # same initial weights everywhere
         model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, init_file: str, method: str, out_dir: str) ->
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("method", ["rigl", "set", "granet", "gmp", "snip", "nm"])
 def test_masks_are_identical_on_every_rank(tmp_path, method):
-    spawn_ranks(_worker, 2, tmp_path, method, str(tmp_path))
+    spawn_ranks(_worker, 2, tmp_path, method)
     a = torch.load(tmp_path / "rank0.pt", weights_only=False)
     b = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert a["masks"].keys() == b["masks"].keys() and a["masks"]
@@ -100,7 +100,7 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_keeps_static_masks_and_refuses_mask_changes_after_sharding(tmp_path):
-    spawn_ranks(_fsdp_worker, 2, tmp_path, str(tmp_path))
+    spawn_ranks(_fsdp_worker, 2, tmp_path)
     for rank in (0, 1):
         out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for name, mask in out["masks"].items():

@@ -446,7 +446,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_ddp_training_leaves_identical_saes_on_every_rank(tmp_path):
-    spawn_ranks(_ddp_worker, 2, tmp_path, str(tmp_path))
+    spawn_ranks(_ddp_worker, 2, tmp_path)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name in a:
         assert torch.equal(a[name], b[name]), name

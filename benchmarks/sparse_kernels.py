@@ -2,7 +2,7 @@
 
 For every cell (shape out x in, T tokens, sparsity setting) the same run times, hot and cold:
 dense ``torch.nn.functional.linear``, ONNX Runtime (dense MatMul), ``torch.sparse`` CSR (and BSR
-for square blocks), each of our formats that applies (``ours:<fmt>``: csr16 and bitmask always,
+for square blocks), each of our formats that applies (``ours:<fmt>``: csr16, bitmask and panels always,
 nm for N:M, block for blocks) and DeepSparse. A measurement is the median of many single forwards
 (adaptive: about ``--target-seconds`` of them, at least ``--min-reps``). "hot" runs one copy of the
 weights again and again; "cold" cycles through enough copies (each tool's own bytes) to exceed
@@ -57,7 +57,7 @@ DEFAULTS = {"shapes": "768x3072,3072x768,4096x4096", "tokens": "1,8,64,256",
             "settings": "0.5,0.7,0.8,0.9,0.95,2:4,4:8,4x4@0.9,1x8@0.9,8x1@0.9"}
 QUICK = {"shapes": "256x512", "tokens": "1,8", "settings": "0.9,2:4"}
 DENSE_TOOLS = ("dense", "ort")
-TOOL_ORDER = ["dense", "ort", "torch_csr", "torch_bsr", "ours:csr16", "ours:bitmask", "ours:nm", "ours:block", "deepsparse"]
+TOOL_ORDER = ["dense", "ort", "torch_csr", "torch_bsr", "ours:csr16", "ours:bitmask", "ours:nm", "ours:block", "ours:panels", "deepsparse"]
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def sparse_nbytes(t: torch.Tensor) -> int:
 
 
 def our_formats(s: Setting, wanted: list[str] | None) -> list[str]:
-    fmts = ["csr16", "bitmask"] + {"nm": ["nm"], "block": ["block"]}.get(s.kind, [])
+    fmts = ["csr16", "bitmask", "panels"] + {"nm": ["nm"], "block": ["block"]}.get(s.kind, [])
     return [f for f in fmts if wanted is None or f in wanted]
 
 

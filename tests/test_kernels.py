@@ -38,7 +38,7 @@ def assert_matches_dense(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias
 @settings(max_examples=60, deadline=None)
 @given(
     out=st.integers(1, 70), inp=st.integers(1, 200), density=st.sampled_from([0.0, 0.02, 0.1, 0.3, 0.5, 0.9, 1.0]),
-    tokens=st.sampled_from([1, 2, 7, 8, 9, 31, 64, 65, 130, 300]), fmt=st.sampled_from(["csr16", "bitmask"]),
+    tokens=st.sampled_from([1, 2, 7, 8, 9, 31, 64, 65, 130, 300]), fmt=st.sampled_from(["csr16", "bitmask", "panels"]),
     with_bias=st.booleans(), seed=st.integers(0, 10_000),
 )
 def test_unstructured_formats_equal_the_dense_masked_product(out, inp, density, tokens, fmt, with_bias, seed):
@@ -85,6 +85,32 @@ def test_block_format_equals_the_dense_product(block, brows, bcols, density, tok
     assert_matches_dense(packed.linear(x, bias), x, W, bias)
 
 
+@settings(max_examples=25, deadline=None)
+@given(out=st.integers(60, 200), inp=st.integers(60, 300), density=st.sampled_from([0.05, 0.3, 1.0]),
+       tokens=st.sampled_from([1, 8, 24, 40, 64, 72, 200]), seed=st.integers(0, 10_000))
+def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp, density, tokens, seed):
+    """Several groups of 64 rows and panels of 64 columns, ragged last ones, a full panel row (count 64),
+    and every register block of the many-token kernel (64, 32, 16, 8 tokens)."""
+    from sparsecraft.kernels.formats import PANEL_COLS, PANEL_ROWS
+
+    W = sparse_weight(out, inp, density, seed)
+    W[seed % out, :PANEL_COLS] = 1.0  # a row that keeps its whole first panel
+    W[(seed + 1) % out] = 0
+    packed = K.pack(W, "panels")
+    t = packed.tensors
+    groups, panels = -(-out // PANEL_ROWS), -(-inp // PANEL_COLS)
+    padded = torch.zeros(groups * PANEL_ROWS, panels * PANEL_COLS)
+    padded[:out, :inp] = W != 0
+    per_slot = padded.reshape(groups, PANEL_ROWS, panels, PANEL_COLS).sum(-1).permute(0, 2, 1).reshape(-1)
+    assert torch.equal(t["counts"].long(), per_slot.long())  # one count per (group, panel, row), in storage order
+    assert int(t["counts"].max()) == min(PANEL_COLS, inp) and int(t["cols"].max()) < PANEL_COLS
+    assert t["group_ptr"].tolist() == [0, *per_slot.reshape(groups, -1).sum(1).cumsum(0).long().tolist()]
+    assert torch.equal(packed.to_dense(), W)
+    x = torch.randn(tokens, inp, generator=torch.Generator().manual_seed(seed))
+    bias = torch.randn(out)
+    assert_matches_dense(packed.linear(x, bias), x, W, bias)
+
+
 @pytest.mark.parametrize("tile", [8, 16, 32, 64])
 @pytest.mark.parametrize("fmt", ["csr16", "bitmask", "nm", "block"])
 def test_every_token_tile_width_and_a_ragged_last_tile_give_the_dense_product(monkeypatch, fmt, tile):
@@ -107,7 +133,7 @@ def test_every_token_tile_width_and_a_ragged_last_tile_give_the_dense_product(mo
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block"])
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block", "panels"])
 def test_half_precision_values_equal_the_product_with_rounded_weights(dtype, fmt):
     W = sparse_weight(48, 96, 0.3, 0)
     packed = K.pack(W, fmt, dtype=dtype)
@@ -118,7 +144,7 @@ def test_half_precision_values_equal_the_product_with_rounded_weights(dtype, fmt
         assert_matches_dense(packed.linear(x), x, rounded, None)
 
 
-@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block"])
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "block", "panels"])
 def test_a_transposed_weight_view_packs_row_major(fmt):
     """GPT-2's Conv1D hands over W as a transposed view: the arrays must still be row-major."""
     W = sparse_weight(40, 24, 0.3, 3)
@@ -129,7 +155,7 @@ def test_a_transposed_weight_view_packs_row_major(fmt):
         assert_matches_dense(packed.linear(x[:tokens]), x[:tokens], W, None)
 
 
-@pytest.mark.parametrize("fmt", ["csr16", "bitmask"])
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "panels"])
 def test_leading_dimensions_and_zero_tokens_keep_their_shape(fmt):
     W = sparse_weight(6, 16, 0.5, 5)
     bias = torch.randn(6)
@@ -157,6 +183,8 @@ def test_format_sizes_follow_their_definitions():
     assert K.pack(W, "csr16").nbytes == nnz * (4 + 2) + 65 * 4
     assert K.pack(W, "bitmask").nbytes == nnz * 4 + 64 * 256 // 8 + 65 * 4
     assert K.pack(W, "csr16", dtype=torch.float16).nbytes == nnz * (2 + 2) + 65 * 4
+    # panels: a value and a byte of column per kept weight, a byte of count per (group, panel, row), 4 bytes per group
+    assert K.pack(W, "panels").nbytes == nnz * (4 + 1) + 1 * 4 * 64 + 2 * 4
 
 
 def test_bad_input_names_the_layer_and_the_fix():
@@ -239,7 +267,9 @@ def test_the_avx2_kernels_equal_the_dense_product(monkeypatch, tmp_path, flags):
     try:
         assert build.library().sc_vector_bits() == 256
         block_w = torch.randn(12, 48) * (torch.rand(3, 1, 6, 1) < 0.5).expand(3, 4, 6, 8).reshape(12, 48)
-        for W, fmt, kwargs in [*one_token_cases(), (sparse_weight(19, 50, 0.3, 4), "csr16", {}), (block_w, "block", {"block": (4, 8)})]:
+        cases = [*one_token_cases(), (sparse_weight(19, 50, 0.3, 4), "csr16", {}), (block_w, "block", {"block": (4, 8)}),
+                 (sparse_weight(70, 130, 0.3, 5), "panels", {})]
+        for W, fmt, kwargs in cases:
             for dtype in (torch.float32, torch.float16):
                 packed = K.pack(W, fmt, dtype=dtype, **kwargs)
                 for tokens in (1, 57):  # 57: 32- 16- and 8-token register blocks
@@ -334,6 +364,23 @@ def test_sparse_checkpoint_round_trip_without_dense_weights(arch, tmp_path, monk
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     assert not densified
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_accelerate_for_many_tokens_tries_panels_and_its_checkpoint_round_trips(tmp_path):
+    model = pruned_tiny_lm()
+    report = K.accelerate(model, tokens=64, min_speedup=0.0, use_cache=False, progress=False)
+    assert all("panels" in d.candidates_ms for d in report.swapped)
+    assert "panels" not in K.accelerate(pruned_tiny_lm(), tokens=1, min_speedup=0.0, use_cache=False,
+                                        progress=False).swapped[0].candidates_ms  # slower at one token: not timed
+    model = pruned_tiny_lm()
+    dense = copy.deepcopy(model)
+    K.accelerate(model, tokens=64, formats=["panels"], min_speedup=0.0, use_cache=False, progress=False)
+    assert {m.fmt for m in model.modules() if isinstance(m, K.SparseLinear)} == {"panels"}
+    loaded = K.load_sparse(K.save_sparse(model, tmp_path / "sparse"))
+    ids = torch.randint(0, 90, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_sparse_checkpoint_size_is_proportional_to_kept_weights(tmp_path):

@@ -76,9 +76,17 @@ class AccelerationReport:
         return table
 
 
-def candidate_formats(W: Tensor, formats: Iterable[str] | None, block: tuple[int, int] | None) -> list[tuple[str, dict]]:
-    """The formats worth timing for this weight, with their pack arguments."""
+#: Token counts from which the panels format is timed by default (it is built for many tokens; at one
+#: token its per-(row, panel) partial sums make it slower than csr16).
+PANELS_MIN_TOKENS = 16
+
+
+def candidate_formats(W: Tensor, formats: Iterable[str] | None, block: tuple[int, int] | None,
+                      tokens: int = 1) -> list[tuple[str, dict]]:
+    """The formats worth timing for this weight at ``tokens`` tokens, with their pack arguments."""
     wanted = list(formats) if formats else ["csr16", "bitmask", "nm"] + (["block"] if block else [])
+    if not formats and tokens >= PANELS_MIN_TOKENS:
+        wanted.append("panels")
     unknown = [f for f in wanted if f not in FORMATS]
     if unknown:
         raise SparsecraftError(f"unknown sparse format(s) {unknown}; choose from {', '.join(FORMATS)}")
@@ -98,6 +106,8 @@ def candidate_formats(W: Tensor, formats: Iterable[str] | None, block: tuple[int
             options.append(("bitmask", {}))
         elif fmt == "block" and block and out % block[0] == 0 and inp % block[1] == 0:
             options.append(("block", {"block": block}))
+        elif fmt == "panels":
+            options.append(("panels", {}))
     return options
 
 
@@ -228,7 +238,7 @@ def accelerate(
             decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t,
                                            reason=f"density {density:.2f} > {max_density}: not sparse enough to gain, kept dense"))
             continue
-        options = candidate_formats(W, formats, block)
+        options = candidate_formats(W, formats, block, layer_t)
         if not options:
             decisions.append(LayerDecision(name, tuple(W.shape), density, layer_t, reason="no requested format fits this layer"))
             continue

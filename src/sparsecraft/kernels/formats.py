@@ -15,6 +15,12 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   (explicit zeros fill a group that keeps fewer). One token: with AVX-512 (float32 values) the
   bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
+- ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
+  64 rows and panels of 64 columns, and each group's kept weights are stored panel by panel, row
+  by row, with an 8-bit column offset each and an 8-bit count per (group, panel, row): 4 + 1 bytes
+  per kept weight plus 1/64 byte per weight. The many-token kernel streams it in order while one
+  panel of X (64 x 64 tokens) stays in the L1: 1.5-2.7x the csr16 tile kernel at 70-90% and T = 64
+  (see BENCHMARKS.md). One token runs it too, slower than csr16 (a partial sum per row and panel).
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
   any of its weights is nonzero, so the zeros inside kept blocks are multiplied too.
 """
@@ -30,7 +36,9 @@ from torch import Tensor
 
 from sparsecraft.errors import PatternError
 
-FORMATS = ("csr16", "bitmask", "nm", "block")
+FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
+#: Rows per group and columns per panel of the ``panels`` format (kPanelRows, kPanelCols in the kernels).
+PANEL_ROWS = PANEL_COLS = 64
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PAD = 8
 
@@ -85,6 +93,8 @@ class SparseWeight:
             dense = torch.zeros(out, inp, device=values.device)
             dense[mask] = values
             return dense
+        if self.fmt == "panels":
+            return panels_to_dense(t["counts"], t["cols"], values, out, inp)
         bh, bw = self.block
         brows = torch.repeat_interleave(torch.arange(out // bh, device=values.device), t["block_row_ptr"].diff().long())
         blocks = torch.zeros(out // bh, inp // bw, bh, bw, device=values.device)
@@ -145,6 +155,31 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
     cols = mask.nonzero()[:, 1].numpy().astype(np.uint16).view(np.int16)
     tensors = {"row_ptr": _row_ptr(mask.sum(1)), "cols": torch.from_numpy(cols.copy()), "values": _padded_values(w[mask], dtype)}
     return SparseWeight("csr16", (out, inp), tensors)
+
+
+def pack_panels(w: Tensor, dtype: torch.dtype) -> SparseWeight:
+    out, inp = w.shape
+    groups, panels = -(-out // PANEL_ROWS), -(-inp // PANEL_COLS)
+    padded = torch.zeros(groups * PANEL_ROWS, panels * PANEL_COLS)
+    padded[:out, :inp] = w
+    blocks = padded.reshape(groups, PANEL_ROWS, panels, PANEL_COLS).permute(0, 2, 1, 3)  # (group, panel, row, col)
+    mask = blocks != 0
+    counts = mask.sum(-1)  # at most 64: fits a byte
+    tensors = {"group_ptr": _row_ptr(counts.reshape(groups, -1).sum(1)), "counts": counts.to(torch.uint8).reshape(-1),
+               "cols": mask.nonzero()[:, 3].to(torch.uint8), "values": _padded_values(blocks[mask], dtype)}
+    return SparseWeight("panels", (out, inp), tensors)
+
+
+def panels_to_dense(counts: Tensor, cols: Tensor, values: Tensor, out: int, inp: int) -> Tensor:
+    """The dense (out, in) weight of the ``panels`` arrays (slots are (group, panel, row) in storage order)."""
+    panels = -(-inp // PANEL_COLS)
+    slot = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts.long())
+    group, rest = slot // (panels * PANEL_ROWS), slot % (panels * PANEL_ROWS)
+    rows = group * PANEL_ROWS + rest % PANEL_ROWS
+    columns = (rest // PANEL_ROWS) * PANEL_COLS + cols.long()
+    dense = torch.zeros(out, inp, device=values.device)
+    dense[rows, columns] = values
+    return dense
 
 
 def pack_bitmask(w: Tensor, dtype: torch.dtype, fmt: str = "bitmask", n: int = 0, m: int = 0,
@@ -210,4 +245,6 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
         return pack_nm(w, n, m, dtype, layer)
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
+    if fmt == "panels":
+        return pack_panels(w, dtype)
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -90,6 +90,9 @@ def _plan(sw: SparseWeight) -> tuple:
         elif sw.fmt in ("bitmask", "nm"):
             prefix = (t["row_ptr"].data_ptr(), t["bits"].data_ptr(), t["bits"].shape[1], t["values"].data_ptr(), vdtype)
             sw._plan = (lib.sc_bitmask, prefix, sw.nnz)
+        elif sw.fmt == "panels":
+            prefix = (t["group_ptr"].data_ptr(), t["counts"].data_ptr(), t["cols"].data_ptr(), t["values"].data_ptr(), vdtype)
+            sw._plan = (lib.sc_panels, prefix, sw.nnz)
         else:
             prefix = (t["block_row_ptr"].data_ptr(), t["block_cols"].data_ptr(), t["values"].data_ptr(), vdtype, *sw.block)
             sw._plan = (lib.sc_block, prefix, sw.nnz)
@@ -117,7 +120,8 @@ def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
             xt = F.pad(x.reshape(1, in_features), (0, 8 - in_features % 8))
     else:
         tp = (tokens + 7) // 8 * 8
-        tile = token_tile(in_features, tp)
+        # panels keep one panel of X in the L1 whatever the tile's size: the widest register block always
+        tile = min(64, tp) if sw.fmt == "panels" else token_tile(in_features, tp)
         xt = torch.empty(in_features * tp)  # tiles of `tile` tokens, each (in, tile) row-major
         library().sc_transpose_pad(x.data_ptr(), tokens, in_features, xt.data_ptr(), tp, tile, threads)
     rc = fn(*prefix, xt.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr(), out_features, in_features,

@@ -270,6 +270,115 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
     });
 }
 
+// ---- Panels: compressed rows stored panel-major (many tokens at 70-90% sparsity) -------------
+//
+// The weight is cut into groups of kPanelRows rows and panels of kPanelCols columns. A group's kept
+// weights are stored panel by panel, and within a panel row by row: one 8-bit column offset (within
+// the panel) and one value each, plus an 8-bit count per (group, panel, row) and the offset where each
+// group starts. A work item (token tile of up to 64 tokens, group) walks the panels in storage order:
+// the weights stream in sequence, and the panel's 64 rows of X (64 x 64 floats, 16 KiB) stay in the L1
+// while the group's 64 rows add their kept weights of the panel to partial sums held in a local buffer.
+// The csr16 tile kernel instead picks every kept weight's run of tokens from a tile of X that spans
+// the L2: at 70% on 768x3072 (T = 64, one thread, weights hot) it ran 17-24 GFLOP/s, this layout
+// 51-59, reading csr16 panel by panel through per-row cursors 40 (the weights then stream as 64
+// interleaved runs). Each (row, panel) pays a load and a store of its partial sums and a mispredicted
+// loop exit, so at one token, or at 95%, csr16 is the faster layout.
+constexpr int64_t kPanelRows = 64, kPanelCols = 64;  // kernels.formats.PANEL_ROWS, PANEL_COLS
+
+// Accumulator sets for NV registers of tokens: at least 8 FMA chains in flight (4 for one register).
+constexpr int chains(int nv) { return nv >= 8 ? 1 : nv >= 4 ? 2 : 4; }
+
+// One row's kept weights of one panel (k..end) over NV * V::lanes tokens, added to part. xp: the panel's
+// first row of X in the tile (row j of the panel at xp + j * w); U accumulator sets keep NV * U FMA
+// chains in flight (64 tokens: 8 chains from NV alone).
+template <int D, typename V, int NV, int U>
+inline void panel_row_tile(int64_t k, int64_t end, const uint8_t* cols, const void* vals, const float* xp, int64_t w,
+                           float* part) {
+    typename V::T acc[U][NV];
+    for (int j = 0; j < NV; ++j) acc[0][j] = V::load(part + V::lanes * j);
+    for (int u = 1; u < U; ++u)
+        for (int j = 0; j < NV; ++j) acc[u][j] = V::set1(0.0f);
+    for (; k + U <= end; k += U)
+        for (int u = 0; u < U; ++u) {
+            const typename V::T v = V::set1(load1<D>(vals, k + u));
+            const float* xr = xp + static_cast<int64_t>(cols[k + u]) * w;
+            for (int j = 0; j < NV; ++j) acc[u][j] = V::fma(v, V::load(xr + V::lanes * j), acc[u][j]);
+        }
+    for (; k < end; ++k) {
+        const typename V::T v = V::set1(load1<D>(vals, k));
+        const float* xr = xp + static_cast<int64_t>(cols[k]) * w;
+        for (int j = 0; j < NV; ++j) acc[0][j] = V::fma(v, V::load(xr + V::lanes * j), acc[0][j]);
+    }
+    for (int j = 0; j < NV; ++j) {
+        typename V::T sum = acc[0][j];
+        for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][j]);
+        V::store(part + V::lanes * j, sum);
+    }
+}
+
+template <int D>
+void panels_mm(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t in,
+               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
+               int threads) {
+    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kPanelRows - 1) / kPanelRows;
+    const int64_t panels = (in + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
+    for (int64_t item = 0; item < tiles * groups; ++item) {  // tile-major: all groups over one tile of X first
+        const int64_t t0 = (item / groups) * tile, g = item % groups, r0 = g * kPanelRows;
+        const int64_t w = tp - t0 < tile ? tp - t0 : tile;
+        const int64_t rows = out - r0 < kPanelRows ? out - r0 : kPanelRows;
+        const float* xtile = xt + t0 * in;
+        alignas(64) float buf[kPanelRows * kMaxTile];
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t t = 0; t < w; ++t) buf[i * kMaxTile + t] = bias ? bias[r0 + i] : 0.0f;
+        int64_t k = gp[g];
+        const uint8_t* cnt = counts + g * panels * kPanelRows;
+        for (int64_t p = 0; p < panels; ++p, cnt += kPanelRows) {
+            const float* xp = xtile + p * kPanelCols * w;
+            for (int64_t i = 0; i < rows; ++i) {
+                const int64_t end = k + cnt[i];
+                float* part = buf + i * kMaxTile;
+                int64_t t = 0;
+                constexpr int L = VWide::lanes;
+                for (; t + 64 <= w; t += 64) panel_row_tile<D, VWide, 64 / L, chains(64 / L)>(k, end, cols, vals, xp + t, w, part + t);
+                for (; t + 32 <= w; t += 32) panel_row_tile<D, VWide, 32 / L, chains(32 / L)>(k, end, cols, vals, xp + t, w, part + t);
+                for (; t + 16 <= w; t += 16) panel_row_tile<D, VWide, 16 / L, chains(16 / L)>(k, end, cols, vals, xp + t, w, part + t);
+                for (; t + 8 <= w; t += 8) panel_row_tile<D, V256, 1, 4>(k, end, cols, vals, xp + t, w, part + t);
+                k = end;
+            }
+        }
+        write_block(buf, y, r0, rows, out, t0, t0 + w, tokens);
+    }
+}
+
+// One token: groups are handed out whole, each row's panels summed into a partial sum per row.
+template <int D>
+void panels_mv(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t in,
+               const float* x, float* y, const float* bias, int64_t out, int threads) {
+    const int64_t groups = (out + kPanelRows - 1) / kPanelRows, panels = (in + kPanelCols - 1) / kPanelCols;
+#pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
+    for (int64_t g = 0; g < groups; ++g) {
+        const int64_t r0 = g * kPanelRows, rows = out - r0 < kPanelRows ? out - r0 : kPanelRows;
+        float sums[kPanelRows] = {};
+        int64_t k = gp[g];
+        const uint8_t* cnt = counts + g * panels * kPanelRows;
+        for (int64_t p = 0; p < panels; ++p, cnt += kPanelRows) {
+            const float* xp = x + p * kPanelCols;
+            for (int64_t i = 0; i < rows; ++i) {
+                const int64_t end = k + cnt[i];
+                float s0 = 0.0f, s1 = 0.0f;
+                for (; k + 2 <= end; k += 2) {
+                    s0 += load1<D>(vals, k) * xp[cols[k]];
+                    s1 += load1<D>(vals, k + 1) * xp[cols[k + 1]];
+                }
+                if (k < end) s0 += load1<D>(vals, k) * xp[cols[k]], ++k;
+                sums[i] += s0 + s1;
+            }
+        }
+        for (int64_t i = 0; i < rows; ++i) y[r0 + i] = sums[i] + (bias ? bias[r0 + i] : 0.0f);
+    }
+}
+
 // ---- Bitmask (one bit per weight, row-major) + packed values -------------------------------
 
 struct ExpandTable {
@@ -616,6 +725,12 @@ template <int D> struct NMHalf {
             nm_half_mv<D>(rp, bits, row_bytes, in, vals, xt, y, bias, out, threads);
     }
 };
+template <int D> struct Panels {
+    static void run(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, SC_TAIL) {
+        if (tp == 1) panels_mv<D>(gp, counts, cols, vals, in, xt, y, bias, out, threads);
+        else panels_mm<D>(gp, counts, cols, vals, in, xt, y, bias, out, tp, tokens, tile, threads);
+    }
+};
 template <int D> struct Block {
     static void run(const int32_t* brp, const int32_t* bcols, const void* vals, int bh, int bw, SC_TAIL) {
         if (tp == 1) block_mv<D>(brp, bcols, vals, bh, bw, xt, y, bias, out, threads);
@@ -628,8 +743,8 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-// 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
-int sc_abi_version() { return 5; }
+// 6: sc_panels; 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
+int sc_abi_version() { return 6; }
 
 // Vector width of the one-token bitmask decoder in this build: 512 (AVX-512) or 256 (AVX2).
 int sc_vector_bits() { return SC_AVX512 ? 512 : 256; }
@@ -683,6 +798,11 @@ int sc_bitmask(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const 
 // token takes nm_half_mv, more take the bitmask kernel.
 int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const void* vals, int vdtype, SC_TAIL) {
     return dispatch<NMHalf>(vdtype, rp, bits, row_bytes, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
+}
+
+// Panels (see panels_mm): group offsets, an 8-bit count per (group, panel, row), 8-bit column offsets.
+int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int vdtype, SC_TAIL) {
+    return dispatch<Panels>(vdtype, gp, counts, cols, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
 int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw, SC_TAIL) {

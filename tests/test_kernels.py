@@ -292,6 +292,41 @@ def test_the_one_token_decoders_equal_the_dense_product():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "nm", "block", "panels"])
+def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fmt):
+    """After the first call builds a layer's plan, one token goes straight to sc_run_one (four ctypes
+    arguments): same product, any leading dimensions, with and without bias; the first call and a width
+    the bitmask decoders cannot read unpadded (in % 8 != 0) take the general path."""
+    from sparsecraft.kernels import ops
+
+    kwargs = {"n": 2, "m": 4} if fmt == "nm" else {"block": (4, 4)} if fmt == "block" else {}
+    W = torch.randn(96, 136) * (NM(2, 4).mask(torch.randn(96, 136).abs()) if fmt == "nm" else torch.rand(96, 136) < 0.3)
+    bias = torch.randn(96)
+    packed = K.pack(W, fmt, **kwargs)
+    odd = K.pack(sparse_weight(9, 13, 0.5, 1), "bitmask")
+    x = torch.randn(1, 13)
+    assert_matches_dense(odd.linear(x), x, odd.to_dense(), None)
+    assert ops._plan(odd)[3] is None  # padded by the general path
+    packed.linear(torch.randn(1, 136))  # builds the plan
+    monkeypatch.setattr(ops, "_kernel", lambda *a: pytest.fail("one token took the general path"))
+    for b in (None, bias):
+        for shape in ((1, 136), (1, 1, 136), (136,)):
+            xs = torch.randn(shape)
+            y = packed.linear(xs, b)
+            assert y.shape == (*shape[:-1], 96)
+            assert_matches_dense(y.reshape(1, 96), xs.reshape(1, 136), W, b)
+
+
+def test_the_kernels_follow_torchs_thread_setting():
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert build.library().sc_max_threads() == threads  # one OpenMP runtime: torch's
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_failing_build_falls_back_instead_of_raising(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path))
     monkeypatch.setattr(build, "FLAGS", [*build.FLAGS, "-mno-avx2"])  # the source refuses to compile

@@ -48,6 +48,14 @@ SIGNATURES = {
 }
 
 
+class OneTokenPlan(ctypes.Structure):
+    """ScPlan in sparse_kernels.cpp: one layer's arrays and sizes for sc_run_one (one token, four arguments)."""
+
+    _fields_ = [("kind", ctypes.c_int32), ("vdtype", ctypes.c_int32), ("out", _i64), ("in_", _i64), ("nnz", _i64),
+                ("min_work", _i64), ("row_bytes", _i64), ("a", _p), ("b", _p), ("c", _p), ("values", _p),
+                ("bh", ctypes.c_int32), ("bw", ctypes.c_int32)]
+
+
 def cache_dir() -> Path:
     root = os.environ.get("SPARSECRAFT_CACHE") or Path.home() / ".cache" / "sparsecraft"
     return Path(root) / "kernels"
@@ -92,6 +100,7 @@ def load(path: Path) -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     lib.sc_transpose_pad.argtypes, lib.sc_transpose_pad.restype = [_p, _i64, _i64, _p, _i64, _i64, _i32], None
+    lib.sc_run_one.argtypes, lib.sc_run_one.restype = [_p, _p, _p, _p], ctypes.c_int
     lib.sc_colskip.argtypes = [_p, _i64, _i64, _i64, _p, _p, _p, _i64, _p, _p, _p, _p, _i32]
     lib.sc_colskip.restype = _i64
     lib.sc_gated_rows.argtypes, lib.sc_gated_rows.restype = [_p, _i64, _i64, _i64, _p, _p, _p, _p, _i32], None

@@ -7,6 +7,7 @@ fallback (no compiler, another device, autograd) uses torch.sparse CSR: slower, 
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsecraft.errors import PatternError
-from sparsecraft.kernels.build import library
+from sparsecraft.kernels.build import OneTokenPlan, library
 from sparsecraft.kernels.formats import VALUE_DTYPES, SparseWeight
 
 
@@ -45,6 +46,14 @@ class _SparseLinearFunction(torch.autograd.Function):
 
 
 def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Tensor:
+    plan = sw._plan
+    if plan is not None and plan[3] is not None and _one_token_fast(x, sw.shape[1], bias):
+        # decoding: every microsecond of Python is paid 7 times per block per token
+        y = torch.empty(*x.shape[:-1], sw.shape[0])
+        rc = library().sc_run_one(plan[3], x.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr())
+        if rc:
+            raise RuntimeError(f"sparse kernel {sw.fmt} failed with code {rc}")
+        return y
     out_features, in_features = sw.shape
     if x.shape[-1] != in_features:
         raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
@@ -63,6 +72,16 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
     return y if dtype == torch.float32 else y.to(dtype)
 
 
+def _one_token_fast(x: Tensor, in_features: int, bias: Tensor | None) -> bool:
+    """One contiguous float32 token on the CPU, a float32 contiguous bias or none, no gradient to record."""
+    if not (x.is_cpu and x.dtype == torch.float32 and x.shape[-1] == in_features and x.numel() == in_features
+            and x.is_contiguous()):
+        return False
+    if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+
+
 def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
     """torch.sparse CSR on any device: slower than the kernels, never wrong."""
     x2 = x.reshape(-1, sw.shape[1])
@@ -77,8 +96,29 @@ def is_half_density_nm(n: int, m: int) -> bool:
     return 2 * n == m and 8 % m == 0
 
 
+#: OneTokenPlan.kind per format (sc_run_one); the N:M decoder at half density is kind 2.
+_KINDS = {"csr16": 0, "bitmask": 1, "nm": 1, "block": 3, "panels": 4}
+
+
+def _one_token_plan(sw: SparseWeight, vdtype: int) -> tuple[OneTokenPlan, int] | None:
+    """The sc_run_one plan (kept alive beside its address), or None where one token needs Python's help
+    (the bitmask decoders read x 8 columns at a time: a width that is not a multiple of 8 is padded first)."""
+    out, inp = sw.shape
+    if sw.fmt in ("bitmask", "nm") and inp % 8:
+        return None
+    t = sw.tensors
+    kind = 2 if sw.fmt == "nm" and is_half_density_nm(sw.n, sw.m) else _KINDS[sw.fmt]
+    arrays = {"csr16": ("row_ptr", "cols"), "bitmask": ("row_ptr", "bits"), "nm": ("row_ptr", "bits"),
+              "block": ("block_row_ptr", "block_cols"), "panels": ("group_ptr", "counts", "cols")}[sw.fmt]
+    ptrs = [t[name].data_ptr() for name in arrays] + [None] * (3 - len(arrays))
+    row_bytes = t["bits"].shape[1] if "bits" in t else 0
+    plan = OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, t["values"].data_ptr(), *sw.block)
+    return plan, ctypes.addressof(plan)
+
+
 def _plan(sw: SparseWeight) -> tuple:
-    """The library function, its fixed leading arguments (pointers into the format's arrays) and nnz, built once."""
+    """The library function, its fixed leading arguments (pointers into the format's arrays), nnz and the
+    one-token plan's address (or None), built once."""
     if sw._plan is None:
         lib, t, vdtype = library(), sw.tensors, VALUE_DTYPES[sw.values.dtype]
         if sw.fmt == "csr16":
@@ -96,12 +136,14 @@ def _plan(sw: SparseWeight) -> tuple:
         else:
             prefix = (t["block_row_ptr"].data_ptr(), t["block_cols"].data_ptr(), t["values"].data_ptr(), vdtype, *sw.block)
             sw._plan = (lib.sc_block, prefix, sw.nnz)
+        one = _one_token_plan(sw, vdtype)
+        sw._plan = (*sw._plan, None if one is None else one[1], one)
     return sw._plan
 
 
 def _kernel(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:
     """y (*lead, out) for x (*lead, in), float32 on CPU."""
-    fn, prefix, nnz = _plan(sw)
+    fn, prefix, nnz = _plan(sw)[:3]
     out_features, in_features = sw.shape
     tokens = x.numel() // in_features if in_features else 0
     y = torch.empty(x.shape[:-1] + (out_features,))

@@ -743,7 +743,7 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-// 6: sc_panels; 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
+// 6: sc_panels, sc_run_one; 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
 int sc_abi_version() { return 6; }
 
 // Vector width of the one-token bitmask decoder in this build: 512 (AVX-512) or 256 (AVX2).
@@ -803,6 +803,41 @@ int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const 
 // Panels (see panels_mm): group offsets, an 8-bit count per (group, panel, row), 8-bit column offsets.
 int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int vdtype, SC_TAIL) {
     return dispatch<Panels>(vdtype, gp, counts, cols, vals, xt, y, bias, out, in, tp, tokens, tile, threads);
+}
+
+// One token through a plan fixed when the layer is first called (ops._plan): four arguments instead of
+// fourteen, because at decoding each ctypes argument costs about 0.3 us of a call that moves 50-800 us
+// of weights. The thread count follows torch's setting (the OpenMP runtime is torch's), capped so that
+// each thread gets at least min_work multiply-adds (waking a thread costs more than small products).
+struct ScPlan {
+    int32_t kind;  // 0 csr16, 1 bitmask, 2 N:M at half density, 3 block, 4 panels
+    int32_t vdtype;
+    int64_t out, in, nnz, min_work, row_bytes;
+    const void *a, *b, *c, *values;  // the format's arrays in the order of its sc_ function
+    int32_t bh, bw;
+};
+
+int sc_max_threads() { return omp_get_max_threads(); }
+
+int sc_run_one(const ScPlan* p, const float* x, float* y, const float* bias) {
+    int64_t threads = omp_get_max_threads(), by_work = p->nnz * 8 / p->min_work;
+    threads = threads < by_work ? threads : (by_work > 1 ? by_work : 1);
+    const int th = static_cast<int>(threads);
+    switch (p->kind) {
+        case 0: return dispatch<Csr16>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const uint16_t*>(p->b), p->values,
+                                       x, y, bias, p->out, p->in, int64_t{1}, int64_t{1}, int64_t{1}, th);
+        case 1: return dispatch<Bitmask>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const uint8_t*>(p->b), p->row_bytes,
+                                         p->values, x, y, bias, p->out, p->in, int64_t{1}, int64_t{1}, int64_t{1}, th);
+        case 2: return dispatch<NMHalf>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const uint8_t*>(p->b), p->row_bytes,
+                                        p->values, x, y, bias, p->out, p->in, int64_t{1}, int64_t{1}, int64_t{1}, th);
+        case 3: return dispatch<Block>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const int32_t*>(p->b), p->values,
+                                       static_cast<int>(p->bh), static_cast<int>(p->bw), x, y, bias, p->out, p->in, int64_t{1},
+                                       int64_t{1}, int64_t{1}, th);
+        case 4: return dispatch<Panels>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const uint8_t*>(p->b),
+                                        static_cast<const uint8_t*>(p->c), p->values, x, y, bias, p->out, p->in, int64_t{1},
+                                        int64_t{1}, int64_t{1}, th);
+        default: return 2;
+    }
 }
 
 int sc_block(const int32_t* brp, const int32_t* bcols, const void* vals, int vdtype, int bh, int bw, SC_TAIL) {

@@ -128,48 +128,50 @@ inline void prefetch_ahead(const char* values, const char* indices) {
 
 // ---- CSR with 16-bit column indices -----------------------------------------------------
 
-// One token, csr16: scalar loads and FMAs (four sums) or 8-wide hardware gathers. On Zen 3 (AVX2, no
-// AVX-512) the scalar loop is 1.1-1.2x faster on the small, cold matrices of decoding (576x576,
-// 1536x576 at 70-90%) and never slower elsewhere (768x3072, 3072x768, 4096x4096: 1.0-1.1x; interleaved
-// A/B of the two builds, benchmarks/kernel_ab.py, 2026-12-06). Builds with AVX-512 keep the gathers:
-// the scalar loop was not measured on an AVX-512 CPU. -DSC_CSR16_GATHER forces the gathers (a test checks both).
+// One token, csr16: inputs picked by scalar loads (csr16_row_scalar) or 8-wide hardware gathers. On Zen 3
+// (AVX2, no AVX-512) scalar picks with four scalar sums were 1.1-1.2x faster than the gathers on the small,
+// cold matrices of decoding (576x576, 1536x576 at 70-90%) and never slower elsewhere; inserting the picks
+// into one vector FMA per eight (csr16_row_scalar now) is another 1.05-1.21x (576x576 to 4096x4096 at
+// 70-95%; interleaved A/B of the builds, benchmarks/kernel_ab.py, 2026-12-06). Builds with AVX-512 keep
+// the gathers: the scalar picks were not measured on an AVX-512 CPU. -DSC_CSR16_GATHER forces the
+// gathers (a test checks both).
 #if defined(__AVX512F__) || defined(SC_CSR16_GATHER)
 constexpr bool kCsr16Scalar = false;
 #else
 constexpr bool kCsr16Scalar = true;
 #endif
 
-// One row's dot product with x, four scalar sums, written out: the same as loops over an array of sums
-// and over steps of 4, 2, 1 ran 0.77-0.95x of this in the same A/B (2026-12-06). The row ends with
-// steps of 4, 2 and 1: one mispredicted exit per row instead of up to 7 scalar iterations.
+// Four inputs picked by the 16-bit columns packed in c (one 64-bit load of four indices).
+inline __m128 pick4(const float* x, uint64_t c) {
+    return _mm_set_ps(x[c >> 48], x[(c >> 32) & 0xFFFF], x[(c >> 16) & 0xFFFF], x[c & 0xFFFF]);
+}
+
+// One row's dot product with x: the picked inputs are inserted into a vector, eight at a time, and
+// meet eight values (one load) in one FMA. Four column indices come with each 64-bit load, so a kept
+// weight costs about 1.25 loads instead of 3 (index, input, value): 0.9-1.1 cycles per kept weight
+// instead of 1.3-1.4 for four scalar sums (one thread, weights in cache, 576x576 to 3072x768 at
+// 70-95%, /tmp microbenchmark 2026-12-06). The row ends with a 4-wide step and up to 3 scalar ones.
 template <int D>
 inline float csr16_row_scalar(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* x) {
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    __m256 acc = _mm256_setzero_ps();
     for (; k + 8 <= end; k += 8) {
         prefetch_ahead(static_cast<const char*>(vals) + k * value_bytes<D>(), reinterpret_cast<const char*>(cols + k));
-        s0 += load1<D>(vals, k) * x[cols[k]];
-        s1 += load1<D>(vals, k + 1) * x[cols[k + 1]];
-        s2 += load1<D>(vals, k + 2) * x[cols[k + 2]];
-        s3 += load1<D>(vals, k + 3) * x[cols[k + 3]];
-        s0 += load1<D>(vals, k + 4) * x[cols[k + 4]];
-        s1 += load1<D>(vals, k + 5) * x[cols[k + 5]];
-        s2 += load1<D>(vals, k + 6) * x[cols[k + 6]];
-        s3 += load1<D>(vals, k + 7) * x[cols[k + 7]];
+        uint64_t c0, c1;
+        memcpy(&c0, cols + k, 8);
+        memcpy(&c1, cols + k + 4, 8);
+        acc = _mm256_fmadd_ps(load8<D>(vals, k), _mm256_set_m128(pick4(x, c1), pick4(x, c0)), acc);
     }
-    if (k + 4 <= end) {
-        s0 += load1<D>(vals, k) * x[cols[k]];
-        s1 += load1<D>(vals, k + 1) * x[cols[k + 1]];
-        s2 += load1<D>(vals, k + 2) * x[cols[k + 2]];
-        s3 += load1<D>(vals, k + 3) * x[cols[k + 3]];
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    if (k + 4 <= end) {  // values are padded by 8: the 8-value load reads past the row, never past the array
+        uint64_t c0;
+        memcpy(&c0, cols + k, 8);
+        a = _mm_fmadd_ps(_mm256_castps256_ps128(load8<D>(vals, k)), pick4(x, c0), a);
         k += 4;
     }
-    if (k + 2 <= end) {
-        s0 += load1<D>(vals, k) * x[cols[k]];
-        s1 += load1<D>(vals, k + 1) * x[cols[k + 1]];
-        k += 2;
-    }
-    if (k < end) s2 += load1<D>(vals, k) * x[cols[k]];
-    return (s0 + s1) + (s2 + s3);
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    float s = _mm_cvtss_f32(_mm_add_ss(a, _mm_shuffle_ps(a, a, 1)));
+    for (; k < end; ++k) s += load1<D>(vals, k) * x[cols[k]];
+    return s;
 }
 
 // One row's dot product with x, 8-wide gathers.

@@ -231,31 +231,43 @@ using VWide = V512;
 using VWide = V256;
 #endif
 
-// One row over one tile of NV * V::lanes tokens; U independent accumulator sets hide the FMA
-// latency when the tile is narrow (NV * U >= 4 chains in flight).
-template <int D, typename V, int NV, int U>
-inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xtile,
-                           int64_t w, int64_t t0, float* dst, float b) {
+// Adds one row's kept weights k..end times their runs of NV * V::lanes tokens to sum (NV registers):
+// kept weight k picks the run at x0 + cols[k] * w. U independent accumulator sets hide the FMA latency
+// when the run is narrow (NV * U >= 4 chains in flight). Serves csr16 (16-bit columns) and panels
+// (8-bit columns within a panel). Forced inline: left to the compiler, the panels kernel kept sum in
+// memory and ran 0.93-0.98x (interleaved A/B, 2026-12-06).
+template <int D, typename V, int NV, int U, typename Col>
+__attribute__((always_inline)) inline void add_row_times_tokens(int64_t k, int64_t end, const Col* cols, const void* vals,
+                                                                const float* x0, int64_t w, typename V::T* sum) {
     typename V::T acc[U][NV];
-    for (int u = 0; u < U; ++u)
-        for (int j = 0; j < NV; ++j) acc[u][j] = V::set1(u == 0 ? b : 0.0f);
-    for (; k + U <= end; k += U) {
+    for (int j = 0; j < NV; ++j) acc[0][j] = sum[j];
+    for (int u = 1; u < U; ++u)
+        for (int j = 0; j < NV; ++j) acc[u][j] = V::set1(0.0f);
+    for (; k + U <= end; k += U)
         for (int u = 0; u < U; ++u) {
             const typename V::T v = V::set1(load1<D>(vals, k + u));
-            const float* xr = xtile + static_cast<int64_t>(cols[k + u]) * w + t0;
+            const float* xr = x0 + static_cast<int64_t>(cols[k + u]) * w;
             for (int j = 0; j < NV; ++j) acc[u][j] = V::fma(v, V::load(xr + V::lanes * j), acc[u][j]);
         }
-    }
     for (; k < end; ++k) {
         const typename V::T v = V::set1(load1<D>(vals, k));
-        const float* xr = xtile + static_cast<int64_t>(cols[k]) * w + t0;
+        const float* xr = x0 + static_cast<int64_t>(cols[k]) * w;
         for (int j = 0; j < NV; ++j) acc[0][j] = V::fma(v, V::load(xr + V::lanes * j), acc[0][j]);
     }
     for (int j = 0; j < NV; ++j) {
-        typename V::T sum = acc[0][j];
-        for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][j]);
-        V::store(dst + V::lanes * j, sum);
+        sum[j] = acc[0][j];
+        for (int u = 1; u < U; ++u) sum[j] = V::add(sum[j], acc[u][j]);
     }
+}
+
+// One csr16 row over one tile's run of NV * V::lanes tokens from t0, bias first, into dst.
+template <int D, typename V, int NV, int U>
+inline void csr16_row_tile(int64_t k, int64_t end, const uint16_t* cols, const void* vals, const float* xtile,
+                           int64_t w, int64_t t0, float* dst, float b) {
+    typename V::T sum[NV];
+    for (int j = 0; j < NV; ++j) sum[j] = V::set1(b);
+    add_row_times_tokens<D, V, NV, U>(k, end, cols, vals, xtile + t0, w, sum);
+    for (int j = 0; j < NV; ++j) V::store(dst + V::lanes * j, sum[j]);
 }
 
 template <int D>
@@ -290,32 +302,15 @@ constexpr int64_t kPanelRows = 64, kPanelCols = 64;  // kernels.formats.PANEL_RO
 // Accumulator sets for NV registers of tokens: at least 8 FMA chains in flight (4 for one register).
 constexpr int chains(int nv) { return nv >= 8 ? 1 : nv >= 4 ? 2 : 4; }
 
-// One row's kept weights of one panel (k..end) over NV * V::lanes tokens, added to part. xp: the panel's
-// first row of X in the tile (row j of the panel at xp + j * w); U accumulator sets keep NV * U FMA
-// chains in flight (64 tokens: 8 chains from NV alone).
+// One row's kept weights of one panel (k..end) over NV * V::lanes tokens, added to its partial sums
+// part. xp: the panel's first row of X in the tile (row j of the panel at xp + j * w).
 template <int D, typename V, int NV, int U>
 inline void panel_row_tile(int64_t k, int64_t end, const uint8_t* cols, const void* vals, const float* xp, int64_t w,
                            float* part) {
-    typename V::T acc[U][NV];
-    for (int j = 0; j < NV; ++j) acc[0][j] = V::load(part + V::lanes * j);
-    for (int u = 1; u < U; ++u)
-        for (int j = 0; j < NV; ++j) acc[u][j] = V::set1(0.0f);
-    for (; k + U <= end; k += U)
-        for (int u = 0; u < U; ++u) {
-            const typename V::T v = V::set1(load1<D>(vals, k + u));
-            const float* xr = xp + static_cast<int64_t>(cols[k + u]) * w;
-            for (int j = 0; j < NV; ++j) acc[u][j] = V::fma(v, V::load(xr + V::lanes * j), acc[u][j]);
-        }
-    for (; k < end; ++k) {
-        const typename V::T v = V::set1(load1<D>(vals, k));
-        const float* xr = xp + static_cast<int64_t>(cols[k]) * w;
-        for (int j = 0; j < NV; ++j) acc[0][j] = V::fma(v, V::load(xr + V::lanes * j), acc[0][j]);
-    }
-    for (int j = 0; j < NV; ++j) {
-        typename V::T sum = acc[0][j];
-        for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][j]);
-        V::store(part + V::lanes * j, sum);
-    }
+    typename V::T sum[NV];
+    for (int j = 0; j < NV; ++j) sum[j] = V::load(part + V::lanes * j);
+    add_row_times_tokens<D, V, NV, U>(k, end, cols, vals, xp, w, sum);
+    for (int j = 0; j < NV; ++j) V::store(part + V::lanes * j, sum[j]);
 }
 
 template <int D>

@@ -292,8 +292,9 @@ def test_the_one_token_decoders_equal_the_dense_product():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("fmt", ["csr16", "bitmask", "nm", "block", "panels"])
-def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fmt):
+def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fmt, dtype):
     """After the first call builds a layer's plan, one token goes straight to sc_run_one (four ctypes
     arguments): same product, any leading dimensions, with and without bias; the first call and a width
     the bitmask decoders cannot read unpadded (in % 8 != 0) take the general path."""
@@ -302,7 +303,8 @@ def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fm
     kwargs = {"n": 2, "m": 4} if fmt == "nm" else {"block": (4, 4)} if fmt == "block" else {}
     W = torch.randn(96, 136) * (NM(2, 4).mask(torch.randn(96, 136).abs()) if fmt == "nm" else torch.rand(96, 136) < 0.3)
     bias = torch.randn(96)
-    packed = K.pack(W, fmt, **kwargs)
+    packed = K.pack(W, fmt, dtype=dtype, **kwargs)
+    W = packed.to_dense()  # the values as stored (rounded for float16)
     odd = K.pack(sparse_weight(9, 13, 0.5, 1), "bitmask")
     x = torch.randn(1, 13)
     assert_matches_dense(odd.linear(x), x, odd.to_dense(), None)

@@ -16,9 +16,10 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
-  64 rows and panels of 64 columns, and each group's kept weights are stored panel by panel, row
-  by row, with an 8-bit column offset each and an 8-bit count per (group, panel, row): 4 + 1 bytes
-  per kept weight plus 1/64 byte per weight. The many-token kernel streams it in order while one
+  64 rows and panels of 64 columns (128 below 15% density; ``block`` holds (64, columns)), and
+  each group's kept weights are stored panel by panel, row by row, with an 8-bit column offset
+  each and an 8-bit count per (group, panel, row): 4 + 1 bytes per kept weight plus 1/64 (1/128)
+  byte per weight. The many-token kernel streams it in order while one
   panel of X (64 x 64 tokens) stays in the L1: 1.5-2.7x the csr16 tile kernel at 70-90% and T = 64
   (see BENCHMARKS.md). One token runs it too, slower than csr16 (a partial sum per row and panel).
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
@@ -37,8 +38,12 @@ from torch import Tensor
 from sparsecraft.errors import PatternError
 
 FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
-#: Rows per group and columns per panel of the ``panels`` format (kPanelRows, kPanelCols in the kernels).
+#: Rows per group of the ``panels`` format (kPanelRows in the kernels) and its columns per panel: 64, or
+#: 128 below PANELS_WIDE_BELOW density, where a row keeps too few weights per 64 columns to pay for its
+#: partial sums (at most 256: the column offsets are bytes).
 PANEL_ROWS = PANEL_COLS = 64
+PANEL_COLS_WIDE = 128
+PANELS_WIDE_BELOW = 0.15
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PAD = 8
 
@@ -94,7 +99,7 @@ class SparseWeight:
             dense[mask] = values
             return dense
         if self.fmt == "panels":
-            return panels_to_dense(t["counts"], t["cols"], values, out, inp)
+            return panels_to_dense(t["counts"], t["cols"], values, out, inp, self.block[1])
         bh, bw = self.block
         brows = torch.repeat_interleave(torch.arange(out // bh, device=values.device), t["block_row_ptr"].diff().long())
         blocks = torch.zeros(out // bh, inp // bw, bh, bw, device=values.device)
@@ -157,26 +162,34 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
     return SparseWeight("csr16", (out, inp), tensors)
 
 
-def pack_panels(w: Tensor, dtype: torch.dtype) -> SparseWeight:
+def panel_columns(w: Tensor) -> int:
+    """Columns per panel for this weight: 64, or 128 where it keeps less than PANELS_WIDE_BELOW of its weights."""
+    return PANEL_COLS_WIDE if float((w != 0).float().mean()) < PANELS_WIDE_BELOW else PANEL_COLS
+
+
+def pack_panels(w: Tensor, dtype: torch.dtype, columns: int | None = None, layer: str = "layer") -> SparseWeight:
     out, inp = w.shape
-    groups, panels = -(-out // PANEL_ROWS), -(-inp // PANEL_COLS)
-    padded = torch.zeros(groups * PANEL_ROWS, panels * PANEL_COLS)
+    pc = columns or panel_columns(w)
+    if not 1 <= pc <= 255:  # a count per (row, panel) is a byte: up to 255 columns (256 would overflow a full row)
+        raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default: 64, or 128 below {PANELS_WIDE_BELOW:.0%} density)")
+    groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
+    padded = torch.zeros(groups * PANEL_ROWS, panels * pc)
     padded[:out, :inp] = w
-    blocks = padded.reshape(groups, PANEL_ROWS, panels, PANEL_COLS).permute(0, 2, 1, 3)  # (group, panel, row, col)
+    blocks = padded.reshape(groups, PANEL_ROWS, panels, pc).permute(0, 2, 1, 3)  # (group, panel, row, col)
     mask = blocks != 0
-    counts = mask.sum(-1)  # at most 64: fits a byte
+    counts = mask.sum(-1)  # at most pc <= 255: fits a byte
     tensors = {"group_ptr": _row_ptr(counts.reshape(groups, -1).sum(1)), "counts": counts.to(torch.uint8).reshape(-1),
                "cols": mask.nonzero()[:, 3].to(torch.uint8), "values": _padded_values(blocks[mask], dtype)}
-    return SparseWeight("panels", (out, inp), tensors)
+    return SparseWeight("panels", (out, inp), tensors, block=(PANEL_ROWS, pc))
 
 
-def panels_to_dense(counts: Tensor, cols: Tensor, values: Tensor, out: int, inp: int) -> Tensor:
+def panels_to_dense(counts: Tensor, cols: Tensor, values: Tensor, out: int, inp: int, pc: int) -> Tensor:
     """The dense (out, in) weight of the ``panels`` arrays (slots are (group, panel, row) in storage order)."""
-    panels = -(-inp // PANEL_COLS)
+    panels = -(-inp // pc)
     slot = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts.long())
     group, rest = slot // (panels * PANEL_ROWS), slot % (panels * PANEL_ROWS)
     rows = group * PANEL_ROWS + rest % PANEL_ROWS
-    columns = (rest // PANEL_ROWS) * PANEL_COLS + cols.long()
+    columns = (rest // PANEL_ROWS) * pc + cols.long()
     dense = torch.zeros(out, inp, device=values.device)
     dense[rows, columns] = values
     return dense
@@ -245,6 +258,6 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
         return pack_nm(w, n, m, dtype, layer)
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
-    if fmt == "panels":
-        return pack_panels(w, dtype)
+    if fmt == "panels":  # block=(64, columns) picks the panel width; default: panel_columns(w)
+        return pack_panels(w, dtype, block[1] if block != (1, 1) else None, layer)
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

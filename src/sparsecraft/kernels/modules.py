@@ -68,7 +68,8 @@ class SparseLinear(nn.Module):
         return self.sparse.to_dense()
 
     def extra_repr(self) -> str:
-        pattern = f", {self.n}:{self.m}" if self.fmt == "nm" else f", block={self.block}" if self.fmt == "block" else ""
+        pattern = (f", {self.n}:{self.m}" if self.fmt == "nm" else f", block={self.block}" if self.fmt == "block"
+                   else f", panel={self.block[0]}x{self.block[1]}" if self.fmt == "panels" else "")
         sw = self.sparse
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}{pattern}, "
                 f"density={sw.density:.3f}, values={sw.values.dtype}, bias={self.bias is not None}")

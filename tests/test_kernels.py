@@ -87,28 +87,26 @@ def test_block_format_equals_the_dense_product(block, brows, bcols, density, tok
 
 @settings(max_examples=30, deadline=None)
 @given(out=st.integers(60, 200), inp=st.integers(60, 300), density=st.sampled_from([0.05, 0.3, 1.0]),
-       tokens=st.sampled_from([1, 8, 24, 40, 64, 72, 200]), columns=st.sampled_from([None, 64, 128, 40]),
+       tokens=st.sampled_from([1, 8, 24, 40, 64, 72, 200]), columns=st.sampled_from([None, 64, 255, 40]),
        seed=st.integers(0, 10_000))
 def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp, density, tokens, columns, seed):
-    """Several groups of 64 rows and panels of 64 columns (128 below 15% density, or as asked), ragged last
-    ones, a full panel row, and every register block of the many-token kernel (64, 32, 16, 8 tokens)."""
-    from sparsecraft.kernels.formats import PANEL_ROWS, PANELS_WIDE_BELOW
+    """Several groups of 64 rows and panels of 128 columns (or as asked, up to 255), ragged last ones, a full
+    panel row (a count of 255 included), and every register block of the many-token kernel (64, 32, 16, 8 tokens)."""
+    from sparsecraft.kernels.formats import PANEL_COLS, PANEL_ROWS
 
     W = sparse_weight(out, inp, density, seed)
     W[(seed + 1) % out] = 0
-    auto = 128 if float((W != 0).float().mean()) < PANELS_WIDE_BELOW else 64
-    pc = columns or auto
-    W[seed % out, :pc] = 1.0  # a row that keeps its whole first panel (after the automatic width is chosen)
+    pc = columns or PANEL_COLS
+    W[seed % out, :pc] = 1.0  # a row that keeps its whole first panel
     packed = K.pack(W, "panels", block=(PANEL_ROWS, columns) if columns else (1, 1))
-    assert packed.block == (PANEL_ROWS, columns or K.formats.panel_columns(W))
-    pc = packed.block[1]
+    assert packed.block == (PANEL_ROWS, pc)
     t = packed.tensors
     groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
     padded = torch.zeros(groups * PANEL_ROWS, panels * pc)
     padded[:out, :inp] = W != 0
     per_slot = padded.reshape(groups, PANEL_ROWS, panels, pc).sum(-1).permute(0, 2, 1).reshape(-1)
     assert torch.equal(t["counts"].long(), per_slot.long())  # one count per (group, panel, row), in storage order
-    assert int(t["cols"].max()) < pc
+    assert int(t["counts"].max()) == min(pc, inp) and int(t["cols"].max()) < pc
     assert t["group_ptr"].tolist() == [0, *per_slot.reshape(groups, -1).sum(1).cumsum(0).long().tolist()]
     assert torch.equal(packed.to_dense(), W)
     x = torch.randn(tokens, inp, generator=torch.Generator().manual_seed(seed))
@@ -191,8 +189,8 @@ def test_format_sizes_follow_their_definitions():
     assert K.pack(W, "bitmask").nbytes == nnz * 4 + 64 * 256 // 8 + 65 * 4
     assert K.pack(W, "csr16", dtype=torch.float16).nbytes == nnz * (2 + 2) + 65 * 4
     # panels: a value and a byte of column per kept weight, a byte of count per (group, panel, row), 4 bytes per group
+    assert K.pack(W, "panels").nbytes == nnz * (4 + 1) + 1 * 2 * 64 + 2 * 4  # 1 group x 2 panels of 128 columns
     assert K.pack(W, "panels", block=(64, 64)).nbytes == nnz * (4 + 1) + 1 * 4 * 64 + 2 * 4
-    assert K.pack(W, "panels").nbytes == nnz * (4 + 1) + 1 * 2 * 64 + 2 * 4  # 10% dense: panels of 128 columns
 
 
 def test_bad_input_names_the_layer_and_the_fix():

@@ -16,12 +16,12 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
-  64 rows and panels of 64 columns (128 below 15% density; ``block`` holds (64, columns)), and
-  each group's kept weights are stored panel by panel, row by row, with an 8-bit column offset
-  each and an 8-bit count per (group, panel, row): 4 + 1 bytes per kept weight plus 1/64 (1/128)
-  byte per weight. The many-token kernel streams it in order while one
-  panel of X (64 x 64 tokens) stays in the L1: 1.5-2.7x the csr16 tile kernel at 70-90% and T = 64
-  (see BENCHMARKS.md). One token runs it too, slower than csr16 (a partial sum per row and panel).
+  64 rows and panels of 128 columns (``block`` holds (64, columns); ``block=(64, c)`` picks another
+  width), and each group's kept weights are stored panel by panel, row by row, with an 8-bit
+  column offset each and an 8-bit count per (group, panel, row): 4 + 1 bytes per kept weight plus
+  1/128 byte per weight. The many-token kernel streams it in order while one panel of X (128 rows
+  x 64 tokens) stays in the L1: faster than the csr16 tile kernel at 70-95% and T = 64-256 (see
+  BENCHMARKS.md). One token runs it too, slower than csr16 (a partial sum per row and panel).
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when
   any of its weights is nonzero, so the zeros inside kept blocks are multiplied too.
 """
@@ -38,12 +38,12 @@ from torch import Tensor
 from sparsecraft.errors import PatternError
 
 FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
-#: Rows per group of the ``panels`` format (kPanelRows in the kernels) and its columns per panel: 64, or
-#: 128 below PANELS_WIDE_BELOW density, where a row keeps too few weights per 64 columns to pay for its
-#: partial sums (at most 256: the column offsets are bytes).
-PANEL_ROWS = PANEL_COLS = 64
-PANEL_COLS_WIDE = 128
-PANELS_WIDE_BELOW = 0.15
+#: Rows per group of the ``panels`` format (kPanelRows in the kernels) and its default columns per panel:
+#: 128 columns of 64 tokens fill the 32 KiB L1 once. Against 64 columns they ran 1.01-1.05x at 70%,
+#: 1.04-1.07x at 80% and 1.07-1.13x at 90%; 192 columns ran 0.90x at 70% and 1.04-1.06x at 95% (T = 64,
+#: 256, cold, interleaved, machine B 2026-12-06). At most 255: counts and column offsets are bytes.
+PANEL_ROWS = 64
+PANEL_COLS = 128
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PAD = 8
 
@@ -162,16 +162,11 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
     return SparseWeight("csr16", (out, inp), tensors)
 
 
-def panel_columns(w: Tensor) -> int:
-    """Columns per panel for this weight: 64, or 128 where it keeps less than PANELS_WIDE_BELOW of its weights."""
-    return PANEL_COLS_WIDE if float((w != 0).float().mean()) < PANELS_WIDE_BELOW else PANEL_COLS
-
-
-def pack_panels(w: Tensor, dtype: torch.dtype, columns: int | None = None, layer: str = "layer") -> SparseWeight:
+def pack_panels(w: Tensor, dtype: torch.dtype, columns: int = PANEL_COLS, layer: str = "layer") -> SparseWeight:
     out, inp = w.shape
-    pc = columns or panel_columns(w)
+    pc = columns
     if not 1 <= pc <= 255:  # a count per (row, panel) is a byte: up to 255 columns (256 would overflow a full row)
-        raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default: 64, or 128 below {PANELS_WIDE_BELOW:.0%} density)")
+        raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default {PANEL_COLS})")
     groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
     padded = torch.zeros(groups * PANEL_ROWS, panels * pc)
     padded[:out, :inp] = w
@@ -258,6 +253,6 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
         return pack_nm(w, n, m, dtype, layer)
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
-    if fmt == "panels":  # block=(64, columns) picks the panel width; default: panel_columns(w)
-        return pack_panels(w, dtype, block[1] if block != (1, 1) else None, layer)
+    if fmt == "panels":  # block=(64, columns) picks the panel width
+        return pack_panels(w, dtype, block[1] if block != (1, 1) else PANEL_COLS, layer)
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsecraft.errors import SparsecraftError
-from sparsecraft.kernels import ops
+from sparsecraft.kernels import formats, ops
 from sparsecraft.kernels.build import SOURCES, available
 from sparsecraft.kernels.formats import FORMATS, SparseWeight, pack
 from sparsecraft.kernels.modules import SparseLinear, dense_weight, is_conv1d
@@ -134,8 +134,9 @@ def layer_tokens(model: nn.Module, example_input: Tensor | dict, names: list[str
 
 @lru_cache(maxsize=1)
 def _build_id() -> str:
-    """Hash of the kernels and their dispatch: when either changes, cached timings no longer apply."""
-    return hashlib.sha256(SOURCES[0].read_bytes() + Path(ops.__file__).read_bytes()).hexdigest()[:8]
+    """Hash of the kernels, their dispatch and the formats' layouts: when any changes, cached timings no longer apply."""
+    return hashlib.sha256(SOURCES[0].read_bytes() + Path(ops.__file__).read_bytes()
+                          + Path(formats.__file__).read_bytes()).hexdigest()[:8]
 
 
 def _key(kind: str, shape: tuple[int, int], density: float, tokens: int, dtype: torch.dtype) -> str:

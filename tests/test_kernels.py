@@ -92,14 +92,15 @@ def test_block_format_equals_the_dense_product(block, brows, bcols, density, tok
 def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp, density, tokens, columns, seed):
     """Several groups of 64 rows and panels of 128 columns (or as asked, up to 255), ragged last ones, a full
     panel row (a count of 255 included), and every register block of the many-token kernel (64, 32, 16, 8 tokens)."""
-    from sparsecraft.kernels.formats import PANEL_COLS, PANEL_ROWS
+    from sparsecraft.kernels.formats import PANEL_ROWS
 
     W = sparse_weight(out, inp, density, seed)
     W[(seed + 1) % out] = 0
-    pc = columns or PANEL_COLS
+    pc = columns or K.formats.panel_columns(W)  # 192 columns at 5% density, 128 above
     W[seed % out, :pc] = 1.0  # a row that keeps its whole first panel
     packed = K.pack(W, "panels", block=(PANEL_ROWS, columns) if columns else (1, 1))
-    assert packed.block == (PANEL_ROWS, pc)
+    assert packed.block == (PANEL_ROWS, columns or K.formats.panel_columns(W))
+    pc = packed.block[1]
     t = packed.tensors
     groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
     padded = torch.zeros(groups * PANEL_ROWS, panels * pc)

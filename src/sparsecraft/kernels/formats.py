@@ -16,8 +16,8 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
-  64 rows and panels of 128 columns (``block`` holds (64, columns); ``block=(64, c)`` picks another
-  width), and each group's kept weights are stored panel by panel, row by row, with an 8-bit
+  64 rows and panels of 128 columns (192 below 7.5% density; ``block`` holds (64, columns);
+  ``block=(64, c)`` picks another width), and each group's kept weights are stored panel by panel, row by row, with an 8-bit
   column offset each and an 8-bit count per (group, panel, row): 4 + 1 bytes per kept weight plus
   1/128 byte per weight. The many-token kernel streams it in order while one panel of X (128 rows
   x 64 tokens) stays in the L1: faster than the csr16 tile kernel at 70-95% and T = 64-256 (see
@@ -40,10 +40,13 @@ from sparsecraft.errors import PatternError
 FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
 #: Rows per group of the ``panels`` format (kPanelRows in the kernels) and its default columns per panel:
 #: 128 columns of 64 tokens fill the 32 KiB L1 once. Against 64 columns they ran 1.01-1.05x at 70%,
-#: 1.04-1.07x at 80% and 1.07-1.13x at 90%; 192 columns ran 0.90x at 70% and 1.04-1.06x at 95% (T = 64,
-#: 256, cold, interleaved, machine B 2026-12-06). At most 255: counts and column offsets are bytes.
+#: 1.04-1.07x at 80% and 1.07-1.13x at 90%; 192 columns ran 0.90x at 70% but 1.04-1.06x at 95%, where
+#: rows keep few weights per panel (255 no better than 192; T = 64, 256, cold, interleaved, machine B
+#: 2026-12-06). At most 255: counts and column offsets are bytes.
 PANEL_ROWS = 64
 PANEL_COLS = 128
+PANEL_COLS_SPARSE = 192
+SPARSE_BELOW_DENSITY = 0.075
 VALUE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PAD = 8
 
@@ -162,11 +165,17 @@ def pack_csr16(w: Tensor, dtype: torch.dtype, layer: str = "layer") -> SparseWei
     return SparseWeight("csr16", (out, inp), tensors)
 
 
-def pack_panels(w: Tensor, dtype: torch.dtype, columns: int = PANEL_COLS, layer: str = "layer") -> SparseWeight:
+def panel_columns(w: Tensor) -> int:
+    """The default panel width for this weight: 192 columns below 7.5% density, 128 otherwise."""
+    return PANEL_COLS_SPARSE if float((w != 0).float().mean()) < SPARSE_BELOW_DENSITY else PANEL_COLS
+
+
+def pack_panels(w: Tensor, dtype: torch.dtype, columns: int | None = None, layer: str = "layer") -> SparseWeight:
     out, inp = w.shape
-    pc = columns
+    pc = columns or panel_columns(w)
     if not 1 <= pc <= 255:  # a count per (row, panel) is a byte: up to 255 columns (256 would overflow a full row)
-        raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default {PANEL_COLS})")
+        raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default {PANEL_COLS}, {PANEL_COLS_SPARSE} "
+                           f"below {SPARSE_BELOW_DENSITY:.1%} density)")
     groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
     padded = torch.zeros(groups * PANEL_ROWS, panels * pc)
     padded[:out, :inp] = w
@@ -254,5 +263,5 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
     if fmt == "panels":  # block=(64, columns) picks the panel width
-        return pack_panels(w, dtype, block[1] if block != (1, 1) else PANEL_COLS, layer)
+        return pack_panels(w, dtype, block[1] if block != (1, 1) else None, layer)
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -303,8 +303,7 @@ def test_the_one_token_decoders_equal_the_dense_product():
 @pytest.mark.parametrize("fmt", ["csr16", "bitmask", "nm", "block", "panels"])
 def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fmt, dtype):
     """After the first call builds a layer's plan, one token goes straight to sc_run_one (four ctypes
-    arguments): same product, any leading dimensions, with and without bias; the first call and a width
-    the bitmask decoders cannot read unpadded (in % 8 != 0) take the general path."""
+    arguments): same product, any leading dimensions, with and without bias."""
     from sparsecraft.kernels import ops
 
     kwargs = {"n": 2, "m": 4} if fmt == "nm" else {"block": (4, 4)} if fmt == "block" else {}
@@ -312,10 +311,6 @@ def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fm
     bias = torch.randn(96)
     packed = K.pack(W, fmt, dtype=dtype, **kwargs)
     W = packed.to_dense()  # the values as stored (rounded for float16)
-    odd = K.pack(sparse_weight(9, 13, 0.5, 1), "bitmask")
-    x = torch.randn(1, 13)
-    assert_matches_dense(odd.linear(x), x, odd.to_dense(), None)
-    assert ops._plan(odd)[3] is None  # padded by the general path
     packed.linear(torch.randn(1, 136))  # builds the plan
     monkeypatch.setattr(ops, "_kernel", lambda *a: pytest.fail("one token took the general path"))
     for b in (None, bias):
@@ -324,6 +319,17 @@ def test_one_token_plans_skip_python_and_equal_the_dense_product(monkeypatch, fm
             y = packed.linear(xs, b)
             assert y.shape == (*shape[:-1], 96)
             assert_matches_dense(y.reshape(1, 96), xs.reshape(1, 136), W, b)
+
+
+def test_a_bitmask_width_the_decoder_cannot_read_unpadded_keeps_the_general_path():
+    """in % 8 != 0: the bitmask decoders read x 8 columns at a time, so Python pads x; no one-token plan."""
+    from sparsecraft.kernels import ops
+
+    odd = K.pack(sparse_weight(9, 13, 0.5, 1), "bitmask")
+    for _ in range(2):  # the second call too: it must not find a plan
+        x = torch.randn(1, 13)
+        assert_matches_dense(odd.linear(x), x, odd.to_dense(), None)
+    assert ops._plan(odd)[3] is None
 
 
 def test_the_kernels_follow_torchs_thread_setting():

@@ -17,9 +17,9 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
   64 rows and panels of 128 columns (192 below 7.5% density; ``block`` holds (64, columns);
-  ``block=(64, c)`` picks another width), and each group's kept weights are stored panel by panel, row by row, with an 8-bit
-  column offset each and an 8-bit count per (group, panel, row): 4 + 1 bytes per kept weight plus
-  1/128 byte per weight. The many-token kernel streams it in order while one panel of X (128 rows
+  ``block=(64, c)`` picks another width), and each group's kept weights are stored panel by
+  panel, row by row, with an 8-bit column offset each and an 8-bit count per (group, panel, row):
+  4 + 1 bytes per kept weight plus 1/128 byte per weight. The many-token kernel streams it in order while one panel of X (128 rows
   x 64 tokens) stays in the L1: faster than the csr16 tile kernel at 70-95% and T = 64-256 (see
   BENCHMARKS.md). One token runs it too, slower than csr16 (a partial sum per row and panel).
 - ``block``: bh x bw blocks, block-CSR with 32-bit block column indices; a block is stored when

@@ -100,8 +100,8 @@ def is_half_density_nm(n: int, m: int) -> bool:
 _KINDS = {"csr16": 0, "bitmask": 1, "nm": 1, "block": 3, "panels": 4}
 
 
-def _one_token_plan(sw: SparseWeight, vdtype: int) -> tuple[OneTokenPlan, int] | None:
-    """The sc_run_one plan (kept alive beside its address), or None where one token needs Python's help
+def _one_token_plan(sw: SparseWeight, vdtype: int) -> OneTokenPlan | None:
+    """The sc_run_one plan, or None where one token needs Python's help
     (the bitmask decoders read x 8 columns at a time: a width that is not a multiple of 8 is padded first)."""
     out, inp = sw.shape
     if sw.fmt in ("bitmask", "nm") and inp % 8:
@@ -112,8 +112,7 @@ def _one_token_plan(sw: SparseWeight, vdtype: int) -> tuple[OneTokenPlan, int] |
               "block": ("block_row_ptr", "block_cols"), "panels": ("group_ptr", "counts", "cols")}[sw.fmt]
     ptrs = [t[name].data_ptr() for name in arrays] + [None] * (3 - len(arrays))
     row_bytes = t["bits"].shape[1] if "bits" in t else 0
-    plan = OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, t["values"].data_ptr(), *sw.block)
-    return plan, ctypes.addressof(plan)
+    return OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, t["values"].data_ptr(), *sw.block)
 
 
 def _plan(sw: SparseWeight) -> tuple:
@@ -137,8 +136,8 @@ def _plan(sw: SparseWeight) -> tuple:
         else:
             prefix = (t["block_row_ptr"].data_ptr(), t["block_cols"].data_ptr(), t["values"].data_ptr(), vdtype, *sw.block)
             sw._plan = (lib.sc_block, prefix, sw.nnz)
-        one = _one_token_plan(sw, vdtype)
-        sw._plan = (*sw._plan, None if one is None else one[1], one)
+        one = _one_token_plan(sw, vdtype)  # kept in the tuple: its address is only valid while it lives
+        sw._plan = (*sw._plan, None if one is None else ctypes.addressof(one), one)
     return sw._plan
 
 

@@ -290,13 +290,13 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
 // weights are stored panel by panel, and within a panel row by row: one 8-bit column offset (within
 // the panel) and one value each, plus an 8-bit count per (group, panel, row) and the offset where each
 // group starts. A work item (token tile of up to 64 tokens, group) walks the panels in storage order:
-// the weights stream in sequence, and the panel's pc rows of X (128 x 64 floats, 32 KiB, by default) stay in the L1
-// while the group's 64 rows add their kept weights of the panel to partial sums held in a local buffer.
+// the weights stream in sequence, and the panel's pc rows of X (128 x 64 floats, 32 KiB, by default)
+// stay in the L1 while the group's 64 rows add their kept weights of the panel to partial sums held in a local buffer.
 // The csr16 tile kernel instead picks every kept weight's run of tokens from a tile of X that spans
 // the L2: at 70% on 768x3072 (T = 64, one thread, weights hot) it ran 17-24 GFLOP/s, this layout
 // 51-59, reading csr16 panel by panel through per-row cursors 40 (the weights then stream as 64
 // interleaved runs). Each (row, panel) pays a load and a store of its partial sums and a mispredicted
-// loop exit, so at one token, or at 95%, csr16 is the faster layout.
+// loop exit: at one token csr16 is the faster layout, and the sparsest weights get wider panels.
 // Rows per group (kernels.formats.PANEL_ROWS); the columns per panel, pc, are the format's (128 by
 // default, formats.PANEL_COLS), at most 255 so that offsets and counts fit a byte.
 constexpr int64_t kPanelRows = 64;

@@ -115,6 +115,8 @@ def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp
     assert_matches_dense(packed.linear(x, bias), x, W, bias)
     with pytest.raises(PatternError, match="panels of 300 columns"):
         K.pack(W, "panels", block=(PANEL_ROWS, 300))
+    with pytest.raises(PatternError, match=f"panels group {PANEL_ROWS} rows, block=\\(32, 128\\)"):
+        K.pack(W, "panels", block=(32, 128))  # a group height the kernels do not have is refused, not ignored
 
 
 @pytest.mark.parametrize("tile", [8, 16, 32, 64])

@@ -263,5 +263,8 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
     if fmt == "panels":  # block=(64, columns) picks the panel width
+        if block != (1, 1) and block[0] != PANEL_ROWS:
+            raise PatternError(f"{layer}: panels group {PANEL_ROWS} rows, block={block} asks for {block[0]}; "
+                               f"pass block=({PANEL_ROWS}, columns) or leave block out for the default width")
         return pack_panels(w, dtype, block[1] if block != (1, 1) else None, layer)
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

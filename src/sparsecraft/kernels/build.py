@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
-ABI_VERSION = 7
+ABI_VERSION = 8
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 #: Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 kernels on an AVX-512 machine.
 EXTRA_FLAGS_ENV = "SPARSECRAFT_KERNEL_FLAGS"
@@ -44,7 +44,7 @@ SIGNATURES = {
     "sc_bitmask": [_p, _p, _i64, _p, _i32, *_TAIL],
     "sc_nm_half": [_p, _p, _i64, _p, _i32, *_TAIL],
     "sc_block": [_p, _p, _p, _i32, _i32, _i32, *_TAIL],
-    "sc_panels": [_p, _p, _p, _p, _i32, _i64, *_TAIL],
+    "sc_panels": [_p, _p, _p, _p, _i32, _i64, _i64, *_TAIL],
 }
 
 

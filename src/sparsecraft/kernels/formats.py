@@ -16,8 +16,8 @@ float32). The values array is padded with 8 zeros so the vector kernels may read
   bitmask decoder (masked expand-loads) serves every N:M; on AVX2, half-density N:M (2:4, 4:8)
   has its own kernel (fixed value offsets, inputs gathered by byte). More tokens: the bitmask kernels.
 - ``panels``: compressed rows stored panel-major for many tokens: the weight is cut into groups of
-  64 rows and panels of 128 columns (192 below 7.5% density; ``block`` holds (64, columns);
-  ``block=(64, c)`` picks another width), and each group's kept weights are stored panel by
+  64 rows and panels of 128 columns (192 below 7.5% density; ``block`` holds (rows, columns);
+  ``block=(r, c)`` picks others: r up to 128, c up to 255), and each group's kept weights are stored panel by
   panel, row by row, with an 8-bit column offset each and an 8-bit count per (group, panel, row):
   4 + 1 bytes per kept weight plus 1/128 byte per weight. The many-token kernel streams it in order while one panel of X (128 rows
   x 64 tokens) stays in the L1: faster than the csr16 tile kernel at 70-95% and T = 64-256 (see
@@ -38,12 +38,15 @@ from torch import Tensor
 from sparsecraft.errors import PatternError
 
 FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
-#: Rows per group of the ``panels`` format (kPanelRows in the kernels) and its default columns per panel:
+#: Rows per group of the ``panels`` format and its default columns per panel:
 #: 128 columns of 64 tokens fill the 32 KiB L1 once. Against 64 columns they ran 1.01-1.05x at 70%,
 #: 1.04-1.07x at 80% and 1.07-1.13x at 90%; 192 columns ran 0.90x at 70% but 1.04-1.06x at 95%, where
 #: rows keep few weights per panel (255 no better than 192; T = 64, 256, cold, interleaved, machine B
-#: 2026-12-06). At most 255: counts and column offsets are bytes.
+#: 2026-12-06). At most 255: counts and column offsets are bytes. Groups of 32 or 16 rows ran 0.71-0.97x
+#: at 95%; 128 rows 1.07-1.16x on 4096x4096 but 0.93-0.97x on 3072x768, so 64 stays the default
+#: (second session of 2026-12-06). At most 128 rows: the kernels keep a group's partial sums on the stack.
 PANEL_ROWS = 64
+MAX_PANEL_ROWS = 128
 PANEL_COLS = 128
 PANEL_COLS_SPARSE = 192
 SPARSE_BELOW_DENSITY = 0.075
@@ -102,7 +105,7 @@ class SparseWeight:
             dense[mask] = values
             return dense
         if self.fmt == "panels":
-            return panels_to_dense(t["counts"], t["cols"], values, out, inp, self.block[1])
+            return panels_to_dense(t["counts"], t["cols"], values, out, inp, *self.block)
         bh, bw = self.block
         brows = torch.repeat_interleave(torch.arange(out // bh, device=values.device), t["block_row_ptr"].diff().long())
         blocks = torch.zeros(out // bh, inp // bw, bh, bw, device=values.device)
@@ -170,30 +173,33 @@ def panel_columns(w: Tensor) -> int:
     return PANEL_COLS_SPARSE if float((w != 0).float().mean()) < SPARSE_BELOW_DENSITY else PANEL_COLS
 
 
-def pack_panels(w: Tensor, dtype: torch.dtype, columns: int | None = None, layer: str = "layer") -> SparseWeight:
+def pack_panels(w: Tensor, dtype: torch.dtype, columns: int | None = None, layer: str = "layer",
+                rows: int = PANEL_ROWS) -> SparseWeight:
     out, inp = w.shape
     pc = columns or panel_columns(w)
     if not 1 <= pc <= 255:  # a count per (row, panel) is a byte: up to 255 columns (256 would overflow a full row)
         raise PatternError(f"{layer}: panels of {pc} columns; choose 1-255 (default {PANEL_COLS}, {PANEL_COLS_SPARSE} "
                            f"below {SPARSE_BELOW_DENSITY:.1%} density)")
-    groups, panels = -(-out // PANEL_ROWS), -(-inp // pc)
-    padded = torch.zeros(groups * PANEL_ROWS, panels * pc)
+    if not 1 <= rows <= MAX_PANEL_ROWS:  # the kernels hold a group's partial sums on the stack
+        raise PatternError(f"{layer}: groups of {rows} rows; choose 1-{MAX_PANEL_ROWS} (default {PANEL_ROWS})")
+    groups, panels = -(-out // rows), -(-inp // pc)
+    padded = torch.zeros(groups * rows, panels * pc)
     padded[:out, :inp] = w
-    blocks = padded.reshape(groups, PANEL_ROWS, panels, pc).permute(0, 2, 1, 3)  # (group, panel, row, col)
+    blocks = padded.reshape(groups, rows, panels, pc).permute(0, 2, 1, 3)  # (group, panel, row, col)
     mask = blocks != 0
     counts = mask.sum(-1)  # at most pc <= 255: fits a byte
     tensors = {"group_ptr": _row_ptr(counts.reshape(groups, -1).sum(1)), "counts": counts.to(torch.uint8).reshape(-1),
                "cols": mask.nonzero()[:, 3].to(torch.uint8), "values": _padded_values(blocks[mask], dtype)}
-    return SparseWeight("panels", (out, inp), tensors, block=(PANEL_ROWS, pc))
+    return SparseWeight("panels", (out, inp), tensors, block=(rows, pc))
 
 
-def panels_to_dense(counts: Tensor, cols: Tensor, values: Tensor, out: int, inp: int, pc: int) -> Tensor:
+def panels_to_dense(counts: Tensor, cols: Tensor, values: Tensor, out: int, inp: int, pr: int, pc: int) -> Tensor:
     """The dense (out, in) weight of the ``panels`` arrays (slots are (group, panel, row) in storage order)."""
     panels = -(-inp // pc)
     slot = torch.repeat_interleave(torch.arange(counts.numel(), device=values.device), counts.long())
-    group, rest = slot // (panels * PANEL_ROWS), slot % (panels * PANEL_ROWS)
-    rows = group * PANEL_ROWS + rest % PANEL_ROWS
-    columns = (rest // PANEL_ROWS) * pc + cols.long()
+    group, rest = slot // (panels * pr), slot % (panels * pr)
+    rows = group * pr + rest % pr
+    columns = (rest // pr) * pc + cols.long()
     dense = torch.zeros(out, inp, device=values.device)
     dense[rows, columns] = values
     return dense
@@ -262,9 +268,6 @@ def pack(weight: Tensor, fmt: str, n: int = 0, m: int = 0, block: tuple[int, int
         return pack_nm(w, n, m, dtype, layer)
     if fmt == "block":
         return pack_block(w, block[0], block[1], dtype, layer)
-    if fmt == "panels":  # block=(64, columns) picks the panel width
-        if block != (1, 1) and block[0] != PANEL_ROWS:
-            raise PatternError(f"{layer}: panels group {PANEL_ROWS} rows, block={block} asks for {block[0]}; "
-                               f"pass block=({PANEL_ROWS}, columns) or leave block out for the default width")
-        return pack_panels(w, dtype, block[1] if block != (1, 1) else None, layer)
+    if fmt == "panels":  # block=(rows per group, columns per panel); (1, 1) means the defaults
+        return pack_panels(w, dtype, None, layer) if block == (1, 1) else pack_panels(w, dtype, block[1], layer, block[0])
     raise PatternError(f"{layer}: unknown sparse format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -131,7 +131,7 @@ def _plan(sw: SparseWeight) -> tuple:
             sw._plan = (lib.sc_bitmask, prefix, sw.nnz)
         elif sw.fmt == "panels":
             prefix = (t["group_ptr"].data_ptr(), t["counts"].data_ptr(), t["cols"].data_ptr(), t["values"].data_ptr(), vdtype,
-                      sw.block[1])
+                      *sw.block)
             sw._plan = (lib.sc_panels, prefix, sw.nnz)
         else:
             prefix = (t["block_row_ptr"].data_ptr(), t["block_cols"].data_ptr(), t["values"].data_ptr(), vdtype, *sw.block)

@@ -286,7 +286,7 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
 
 // ---- Panels: compressed rows stored panel-major (many tokens at 70-90% sparsity) -------------
 //
-// The weight is cut into groups of kPanelRows rows and panels of pc columns. A group's kept
+// The weight is cut into groups of pr rows (64 by default) and panels of pc columns. A group's kept
 // weights are stored panel by panel, and within a panel row by row: one 8-bit column offset (within
 // the panel) and one value each, plus an 8-bit count per (group, panel, row) and the offset where each
 // group starts. A work item (token tile of up to 64 tokens, group) walks the panels in storage order:
@@ -297,9 +297,10 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
 // 51-59, reading csr16 panel by panel through per-row cursors 40 (the weights then stream as 64
 // interleaved runs). Each (row, panel) pays a load and a store of its partial sums and a mispredicted
 // loop exit: at one token csr16 is the faster layout, and the sparsest weights get wider panels.
-// Rows per group (kernels.formats.PANEL_ROWS); the columns per panel, pc, are the format's (128 by
-// default, formats.PANEL_COLS), at most 255 so that offsets and counts fit a byte.
-constexpr int64_t kPanelRows = 64;
+// Rows per group, pr, and columns per panel, pc, are the format's (64 x 128 by default,
+// formats.PANEL_ROWS and PANEL_COLS). pc is at most 255 so that offsets and counts fit a byte; pr at most
+// 128, the partial sums a work item keeps on its stack (128 x 64 floats, 32 KiB).
+constexpr int64_t kMaxPanelRows = 128;
 
 // Accumulator sets for NV registers of tokens: at least 8 FMA chains in flight (4 for one register).
 constexpr int chains(int nv) { return nv >= 8 ? 1 : nv >= 4 ? 2 : 4; }
@@ -316,23 +317,23 @@ inline void panel_row_tile(int64_t k, int64_t end, const uint8_t* cols, const vo
 }
 
 template <int D>
-void panels_mm(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pc, int64_t in,
-               const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
+void panels_mm(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pr, int64_t pc,
+               int64_t in, const float* xt, float* y, const float* bias, int64_t out, int64_t tp, int64_t tokens, int64_t tile,
                int threads) {
-    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + kPanelRows - 1) / kPanelRows;
+    const int64_t tiles = (tp + tile - 1) / tile, groups = (out + pr - 1) / pr;
     const int64_t panels = (in + pc - 1) / pc;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(dynamic, 1)
     for (int64_t item = 0; item < tiles * groups; ++item) {  // tile-major: all groups over one tile of X first
-        const int64_t t0 = (item / groups) * tile, g = item % groups, r0 = g * kPanelRows;
+        const int64_t t0 = (item / groups) * tile, g = item % groups, r0 = g * pr;
         const int64_t w = tp - t0 < tile ? tp - t0 : tile;
-        const int64_t rows = out - r0 < kPanelRows ? out - r0 : kPanelRows;
+        const int64_t rows = out - r0 < pr ? out - r0 : pr;
         const float* xtile = xt + t0 * in;
-        alignas(64) float buf[kPanelRows * kMaxTile];
+        alignas(64) float buf[kMaxPanelRows * kMaxTile];
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t t = 0; t < w; ++t) buf[i * kMaxTile + t] = bias ? bias[r0 + i] : 0.0f;
         int64_t k = gp[g];
-        const uint8_t* cnt = counts + g * panels * kPanelRows;
-        for (int64_t p = 0; p < panels; ++p, cnt += kPanelRows) {
+        const uint8_t* cnt = counts + g * panels * pr;
+        for (int64_t p = 0; p < panels; ++p, cnt += pr) {
             const float* xp = xtile + p * pc * w;
             for (int64_t i = 0; i < rows; ++i) {
                 const int64_t end = k + cnt[i];
@@ -352,16 +353,16 @@ void panels_mm(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, co
 
 // One token: groups are handed out whole, each row's panels summed into a partial sum per row.
 template <int D>
-void panels_mv(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pc, int64_t in,
-               const float* x, float* y, const float* bias, int64_t out, int threads) {
-    const int64_t groups = (out + kPanelRows - 1) / kPanelRows, panels = (in + pc - 1) / pc;
+void panels_mv(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pr, int64_t pc,
+               int64_t in, const float* x, float* y, const float* bias, int64_t out, int threads) {
+    const int64_t groups = (out + pr - 1) / pr, panels = (in + pc - 1) / pc;
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
     for (int64_t g = 0; g < groups; ++g) {
-        const int64_t r0 = g * kPanelRows, rows = out - r0 < kPanelRows ? out - r0 : kPanelRows;
-        float sums[kPanelRows] = {};
+        const int64_t r0 = g * pr, rows = out - r0 < pr ? out - r0 : pr;
+        float sums[kMaxPanelRows] = {};
         int64_t k = gp[g];
-        const uint8_t* cnt = counts + g * panels * kPanelRows;
-        for (int64_t p = 0; p < panels; ++p, cnt += kPanelRows) {
+        const uint8_t* cnt = counts + g * panels * pr;
+        for (int64_t p = 0; p < panels; ++p, cnt += pr) {
             const float* xp = x + p * pc;
             for (int64_t i = 0; i < rows; ++i) {
                 const int64_t end = k + cnt[i];
@@ -725,9 +726,10 @@ template <int D> struct NMHalf {
     }
 };
 template <int D> struct Panels {
-    static void run(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pc, SC_TAIL) {
-        if (tp == 1) panels_mv<D>(gp, counts, cols, vals, pc, in, xt, y, bias, out, threads);
-        else panels_mm<D>(gp, counts, cols, vals, pc, in, xt, y, bias, out, tp, tokens, tile, threads);
+    static void run(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int64_t pr, int64_t pc,
+                    SC_TAIL) {
+        if (tp == 1) panels_mv<D>(gp, counts, cols, vals, pr, pc, in, xt, y, bias, out, threads);
+        else panels_mm<D>(gp, counts, cols, vals, pr, pc, in, xt, y, bias, out, tp, tokens, tile, threads);
     }
 };
 template <int D> struct Block {
@@ -742,8 +744,8 @@ template <int D> struct Block {
 extern "C" {
 
 // Bumped whenever a signature or a layout changes: the Python side refuses a mismatched build.
-// 7: sc_panels takes the panel width; 6: sc_panels, sc_run_one; 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
-int sc_abi_version() { return 7; }
+// 8: sc_panels takes the rows per group; 7: sc_panels takes the panel width; 6: sc_panels, sc_run_one; 5: tile-major xt and `in` in every product's tail; 4: sc_nm_half; 3: sc_colskip in the same library.
+int sc_abi_version() { return 8; }
 
 // Vector width of the one-token bitmask decoder in this build: 512 (AVX-512) or 256 (AVX2).
 int sc_vector_bits() { return SC_AVX512 ? 512 : 256; }
@@ -801,10 +803,10 @@ int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const 
 
 // Panels (see panels_mm): group offsets, an 8-bit count per (group, panel, row), 8-bit column offsets,
 // pc columns per panel.
-int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int vdtype, int64_t pc,
-              SC_TAIL) {
-    if (pc < 1 || pc > 255) return 3;  // counts are bytes
-    return dispatch<Panels>(vdtype, gp, counts, cols, vals, pc, xt, y, bias, out, in, tp, tokens, tile, threads);
+int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int vdtype, int64_t pr,
+              int64_t pc, SC_TAIL) {
+    if (pc < 1 || pc > 255 || pr < 1 || pr > kMaxPanelRows) return 3;  // counts are bytes; sums are on the stack
+    return dispatch<Panels>(vdtype, gp, counts, cols, vals, pr, pc, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
 // One token through a plan fixed when the layer is first called (ops._plan): four arguments instead of
@@ -836,7 +838,7 @@ int sc_run_one(const ScPlan* p, const float* x, float* y, const float* bias) {
                                        static_cast<int>(p->bh), static_cast<int>(p->bw), x, y, bias, p->out, p->in, int64_t{1},
                                        int64_t{1}, int64_t{1}, th);
         case 4: return dispatch<Panels>(p->vdtype, static_cast<const int32_t*>(p->a), static_cast<const uint8_t*>(p->b),
-                                        static_cast<const uint8_t*>(p->c), p->values, int64_t{p->bw}, x, y, bias, p->out, p->in,
+                                        static_cast<const uint8_t*>(p->c), p->values, int64_t{p->bh}, int64_t{p->bw}, x, y, bias, p->out, p->in,
                                         int64_t{1}, int64_t{1}, int64_t{1}, th);
         default: return 2;
     }

@@ -437,6 +437,20 @@ def test_accelerate_for_many_tokens_tries_panels_and_its_checkpoint_round_trips(
         torch.testing.assert_close(model(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["csr16", "bitmask", "panels"])
+def test_a_used_sparse_model_pickles_with_torch_save(fmt, tmp_path):
+    """After a forward the layers hold C pointers (their kernel plans): torch.save must drop them, not fail."""
+    model = torch.nn.Sequential(K.SparseLinear(K.pack(sparse_weight(24, 40, 0.3, 0), fmt), torch.randn(24)))
+    x = torch.randn(1, 40)
+    with torch.no_grad():
+        y = model(x)
+        model(torch.randn(5, 40))
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
 def test_sparse_checkpoint_size_is_proportional_to_kept_weights(tmp_path):
     sizes = {}
     for sparsity in (0.5, 0.9):

@@ -68,6 +68,10 @@ class SparseWeight:
     _csr: Tensor | None = field(default=None, repr=False, compare=False)
     _plan: tuple | None = field(default=None, repr=False, compare=False)  # see kernels.ops._plan
 
+    def __getstate__(self) -> dict:
+        # the kernel plan holds C pointers into this process's memory: rebuilt on first use after unpickling
+        return {**self.__dict__, "_plan": None}
+
     @property
     def values(self) -> Tensor:
         return self.tensors["values"]

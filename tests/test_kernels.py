@@ -451,6 +451,22 @@ def test_a_used_sparse_model_pickles_with_torch_save(fmt, tmp_path):
         assert torch.equal(loaded(x), y)
 
 
+def test_torch_compile_sees_each_sparse_layer_as_one_op_without_graph_breaks():
+    """dynamo cannot trace the ctypes call: SparseLinear hands it the sparsecraft::sparse_linear custom op."""
+    torch._dynamo.reset()
+    layers = [K.SparseLinear(K.pack(sparse_weight(48, 40, 0.3, 1), "csr16"), torch.randn(48)),
+              K.SparseLinear(K.pack(sparse_weight(32, 48, 0.3, 2), "bitmask")),
+              K.SparseLinear(K.pack(sparse_weight(40, 32, 0.3, 3), "panels"), torch.randn(40))]
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.LayerNorm(32), layers[2]).eval()
+    with torch.no_grad():
+        for tokens in (1, 7):
+            x = torch.randn(tokens, 40)
+            explained = torch._dynamo.explain(model)(x)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1
+            torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_sparse_checkpoint_size_is_proportional_to_kept_weights(tmp_path):
     sizes = {}
     for sparsity in (0.5, 0.9):

@@ -18,6 +18,7 @@ Every output is checked against a float64 x @ W^T; an error above 1e-3 (max |y -
 stops the run. Results: one JSON line per measurement on stdout, all of them in --out.
 
     python onnx_linear.py DIR --threads 2 [--out DIR/results.json] [--tools ort,deepsparse]
+    python onnx_linear.py --serve --threads 2      # engines on request, JSON lines on stdin (see serve)
 """
 
 from __future__ import annotations
@@ -158,6 +159,50 @@ def run_case(case: dict, root: Path, work: Path, factories: dict[str, Factory], 
     return rows
 
 
+def serve(factories: dict[str, Factory], threads: int, work: Path) -> None:
+    """--serve: engines built once, timed on request, so that a caller can interleave them with its
+    own tools round by round (benchmarks/peer_ab.py). One JSON request per stdin line, one reply per
+    stdout line:
+
+        {"cmd": "build", "id": "...", "tool": "deepsparse", "weight": "/abs/w.npy", "x": "/abs/x.npy", "copies": 12}
+            -> {"id": ..., "build_seconds": ..., "max_rel_error": ...}
+        {"cmd": "time", "id": "...", "reps": 200}  -> {"id": ..., "seconds": median of reps calls (cycling the copies)}
+        {"cmd": "versions"} -> versions(); {"cmd": "quit"}
+    """
+    engines: dict[str, list[Forward]] = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["cmd"] == "quit":
+            return
+        if req["cmd"] == "versions":
+            reply = versions()
+        elif req["cmd"] == "build":
+            weight = np.load(req["weight"]).astype(np.float32, copy=False)
+            x = np.load(req["x"]).astype(np.float32, copy=False)
+            path = work / f"{req['id']}.onnx"
+            onnx.save(linear_model(weight, x.shape[0]), str(path))
+            t0 = time.perf_counter()
+            runs = [factories[req["tool"]](path, x) for _ in range(int(req["copies"]))]
+            build = (time.perf_counter() - t0) / len(runs)
+            ref = x.astype(np.float64) @ weight.T.astype(np.float64)
+            error = max(rel_error(run(), ref) for run in runs)
+            if error > MAX_REL_ERROR:
+                raise SystemExit(f"{req['id']}: max relative error {error:.2e} > {MAX_REL_ERROR:g}")
+            for run in runs * 2:  # warm-up: first calls fault pages in
+                run()
+            engines[req["id"]] = runs
+            reply = {"id": req["id"], "build_seconds": build, "max_rel_error": error}
+        else:
+            runs = engines[req["id"]]
+            times = []
+            for i in range(int(req["reps"])):
+                t0 = time.perf_counter()
+                runs[i % len(runs)]()
+                times.append(time.perf_counter() - t0)
+            reply = {"id": req["id"], "seconds": statistics.median(times)}
+        print(json.dumps(reply), flush=True)
+
+
 def versions() -> dict:
     import onnxruntime
 
@@ -173,12 +218,19 @@ def versions() -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir")
+    p.add_argument("dir", nargs="?", help="cases to time (not with --serve)")
+    p.add_argument("--serve", action="store_true", help="build and time engines on request (see serve)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tools", default="ort,deepsparse")
     p.add_argument("--out")
     p.add_argument("--ort-spinning", action="store_true", help="let idle ORT workers spin (off: they sleep)")
     args = p.parse_args()
+    if args.serve:
+        with tempfile.TemporaryDirectory(prefix="onnx-linear-") as work:
+            serve(engine_factories(args.threads, args.ort_spinning), args.threads, Path(work))
+        return
+    if not args.dir:
+        p.error("give the cases' DIR, or --serve")
     root = Path(args.dir)
     spec = json.loads((root / "cases.json").read_text())
     cfg = {"target_seconds": spec.get("target_seconds", 0.3), "min_reps": spec.get("min_reps", 5),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sparsecraft.kernels.custom_op import sparse_linear_op
 from sparsecraft.kernels.formats import SparseWeight, pack
 from sparsecraft.kernels.ops import sparse_linear
 
@@ -62,6 +63,12 @@ class SparseLinear(nn.Module):
         return cached
 
     def forward(self, x: Tensor) -> Tensor:
+        # compiling: one opaque node for dynamo instead of a graph break at the C call (gradients: the eager path)
+        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (
+                x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            arrays = [self._buffers[PREFIX + name] for name in self._names]
+            return sparse_linear_op(x, arrays, self.bias, self.fmt, ",".join(self._names), self.out_features, self.n, self.m,
+                                    list(self.block))
         return sparse_linear(x, self.sparse, self.bias)
 
     def to_dense(self) -> Tensor:

@@ -1,0 +1,46 @@
+"""sparse_linear as a torch custom op, for torch.compile.
+
+The kernels are reached through ctypes, which dynamo cannot trace: each sparse layer would break the
+compiled graph in two (a 30-block decoder: 210 breaks). Registered as ``sparsecraft::sparse_linear``
+with a shape function, a sparse layer is one opaque node and the rest of the model (norms, attention,
+activations) compiles around it. Eager calls do not come here: the op's dispatch costs microseconds
+that a one-token product cannot spare.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from sparsecraft.kernels import ops
+from sparsecraft.kernels.formats import SparseWeight
+
+
+#: Kernel plans by everything they are built from (format, sizes, the arrays' addresses, lengths and
+#: dtypes): an equal key is an identical plan, so a hit is always valid. Bounded: plans are ~100 bytes.
+_PLANS: OrderedDict[tuple, tuple] = OrderedDict()
+MAX_PLANS = 4096
+
+
+@torch.library.custom_op("sparsecraft::sparse_linear", mutates_args=())
+def sparse_linear_op(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int,
+                     n: int, m: int, block: list[int]) -> Tensor:
+    """y = x W^T + b for the format ``fmt`` whose arrays (named by the comma-separated ``names``) are given."""
+    sw = SparseWeight(fmt, (out_features, x.shape[-1]), dict(zip(names.split(","), arrays)), n, m, tuple(block))
+    if ops.fast_path_applies(x, sw):
+        key = (fmt, out_features, x.shape[-1], n, m, tuple(block), *((a.data_ptr(), a.numel(), a.dtype) for a in arrays))
+        plan = _PLANS.get(key)
+        if plan is None:
+            plan = _PLANS[key] = ops._plan(sw)  # the one-token plan's struct lives in the tuple: kept alive here
+            if len(_PLANS) > MAX_PLANS:
+                _PLANS.popitem(last=False)
+        sw._plan = plan
+    return ops.sparse_linear(x, sw, bias)  # a new tensor: the op's output aliases no input
+
+
+@sparse_linear_op.register_fake
+def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int, n: int, m: int,
+      block: list[int]) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features)

@@ -479,6 +479,9 @@ void nm_half_mv(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, int64
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
         int64_t c = 0;
         for (; c + 8 <= full; c += 8, off += 32) {  // 64 inputs, 32 values, four independent sums
+            const char* ahead = static_cast<const char*>(vals) + off * value_bytes<D>();
+            prefetch_ahead(ahead, reinterpret_cast<const char*>(b + c));
+            _mm_prefetch(ahead + 1024 + 64, _MM_HINT_T0);  // 32 float32 values span two lines
             a0 = _mm256_fmadd_ps(load8<D>(vals, off), gather_half(x + 8 * c, b[c], b[c + 1]), a0);
             a1 = _mm256_fmadd_ps(load8<D>(vals, off + 8), gather_half(x + 8 * c + 16, b[c + 2], b[c + 3]), a1);
             a2 = _mm256_fmadd_ps(load8<D>(vals, off + 16), gather_half(x + 8 * c + 32, b[c + 4], b[c + 5]), a2);

@@ -18,7 +18,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def accelerate_command(
     model: Annotated[str, typer.Argument(help="pruned Hugging Face model folder (e.g. written by `sparsecraft prune --out`)")],
     tokens: Annotated[int, typer.Option(help="tokens per forward the layers are tuned for (1 = one-token decoding)")] = 1,
-    formats: Annotated[Optional[list[str]], typer.Option(help="formats to try (default: csr16, bitmask, nm, and panels from 16 tokens)")] = None,
+    formats: Annotated[Optional[list[str]], typer.Option(help="formats to try (default: csr16, bitmask, nm, and panels from 8 tokens)")] = None,
     values: Annotated[str, typer.Option(help="value storage: float32, or float16/bfloat16 (rounds the weights)")] = "float32",
     min_speedup: Annotated[float, typer.Option(help="swap a layer only when its sparse product is at least this much faster")] = 1.1,
     retime: Annotated[bool, typer.Option(help="ignore the timing cache of this machine")] = False,

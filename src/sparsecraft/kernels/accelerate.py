@@ -77,8 +77,10 @@ class AccelerationReport:
 
 
 #: Token counts from which the panels format is timed by default (it is built for many tokens; at one
-#: token its per-(row, panel) partial sums make it slower than csr16).
-PANELS_MIN_TOKENS = 16
+#: token its per-(row, panel) partial sums make it slower than csr16). At 8 tokens it already ran 1.2x
+#: csr16 at 70% on 768x3072 and 4096x4096 (0.5-0.95x elsewhere; peer_ab.py grid, 2026-12-06): timed, it
+#: is picked only where it wins.
+PANELS_MIN_TOKENS = 8
 
 
 def candidate_formats(W: Tensor, formats: Iterable[str] | None, block: tuple[int, int] | None,

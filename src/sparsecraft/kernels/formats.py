@@ -43,7 +43,7 @@ FORMATS = ("csr16", "bitmask", "nm", "block", "panels")
 #: 128 columns of 64 tokens fill the 32 KiB L1 once. Against 64 columns they ran 1.01-1.05x at 70%,
 #: 1.04-1.07x at 80% and 1.07-1.13x at 90%; 192 columns ran 0.90x at 70% but 1.04-1.06x at 95%, where
 #: rows keep few weights per panel (255 no better than 192; T = 64, 256, cold, interleaved, machine B
-#: 2026-12-06). At most 255: counts and column offsets are bytes. Groups of 32 or 16 rows ran 0.71-0.97x
+#: 2026-12-06). At most 255: counts and column offsets are bytes. Groups of 32 or 16 rows ran 0.71-1.00x
 #: at 95%; 128 rows 1.07-1.16x on 4096x4096 but 0.93-0.97x on 3072x768, so 64 stays the default
 #: (second session of 2026-12-06). At most 128 rows: the kernels keep a group's partial sums on the stack.
 PANEL_ROWS = 64

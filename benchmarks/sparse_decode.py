@@ -11,6 +11,7 @@ also prunes the LM head (tied to the embedding in SmolLM2, so this untied copy i
 
     python benchmarks/sparse_decode.py                        # settings 0.5, 0.7, 2:4 (+ 0.9)
     python benchmarks/sparse_decode.py --settings 0.7 --prune-head
+    python benchmarks/sparse_decode.py --settings 0.7 --values float16   # half the value bytes, weights rounded
     python benchmarks/sparse_decode.py --table
 """
 
@@ -71,14 +72,19 @@ def main(args: argparse.Namespace) -> None:
     for setting in args.settings.split(","):
         model = copy.deepcopy(dense)
         prune(model, setting, args.prune_head)
-        row = {"setting": setting, "prune_head": args.prune_head, "threads": args.threads, "new_tokens": args.new_tokens,
-               "prefill_tokens": args.prefill, "date": time.strftime("%Y-%m-%d %H:%M")}
+        row = {"setting": setting, "prune_head": args.prune_head, "values": args.values, "threads": args.threads,
+               "new_tokens": args.new_tokens, "prefill_tokens": args.prefill, "date": time.strftime("%Y-%m-%d %H:%M")}
+        values = getattr(torch, args.values)
         fast = copy.deepcopy(model)
-        report = accelerate(fast, tokens=1, progress=False, use_cache=False)
+        report = accelerate(fast, tokens=1, dtype=values, progress=False, use_cache=False)
         row["swapped"], row["layers"] = len(report.swapped), len(report.layers)
         row["formats"] = sorted({d.format for d in report.swapped})
         prefill_fast = copy.deepcopy(model)
-        prefill_report = accelerate(prefill_fast, tokens=args.prefill, progress=False, use_cache=False)
+        prefill_report = accelerate(prefill_fast, tokens=args.prefill, dtype=values, progress=False, use_cache=False)
+        with torch.no_grad():  # what the sparse storage does to the outputs (float16/bfloat16 values round the weights)
+            reference = model(prefill_ids).logits
+            row["logits_max_abs_diff"] = float((fast(prefill_ids).logits - reference).abs().max())
+            row["logits_max_abs"] = float(reference.abs().max())
         row["prefill_formats"] = {f: sum(d.format == f for d in prefill_report.swapped)
                                   for f in sorted({d.format for d in prefill_report.swapped})}
         rounds: dict[str, list[dict]] = {"dense": [], "accelerated": [], "prefill_tuned": []}
@@ -105,7 +111,8 @@ def table(args: argparse.Namespace) -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
-        print(f"| {r['setting']} | {'yes' if r['prune_head'] else 'no'} | {r['swapped']}/{r['layers']} | "
+        values = "" if r.get("values", "float32") == "float32" else f" ({r['values']} values)"
+        print(f"| {r['setting']}{values} | {'yes' if r['prune_head'] else 'no'} | {r['swapped']}/{r['layers']} | "
               f"{r['dense']['decode_tok_s']:.1f} | {r['accelerated']['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | "
               f"{r['dense']['prefill_tok_s']:.0f} | {r['accelerated']['prefill_tok_s']:.0f} | {r['prefill_speedup']:.2f}x | "
               + (f"{r['prefill_tuned']['prefill_tok_s']:.0f} | {r['prefill_tuned_speedup']:.2f}x | "
@@ -117,6 +124,8 @@ if __name__ == "__main__":
     p.add_argument("--model")
     p.add_argument("--settings", default="0.5,0.7,2:4,0.9")
     p.add_argument("--prune-head", action="store_true")
+    p.add_argument("--values", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage of the kept values (products accumulate in float32 either way)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prefill", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="alternating dense / accelerated rounds (medians reported)")

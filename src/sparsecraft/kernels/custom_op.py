@@ -24,9 +24,15 @@ _PLANS: OrderedDict[tuple, tuple] = OrderedDict()
 MAX_PLANS = 4096
 
 
-@torch.library.custom_op("sparsecraft::sparse_linear", mutates_args=())
-def sparse_linear_op(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int,
-                     n: int, m: int, block: list[int]) -> Tensor:
+# Defined through torch.library.Library rather than the torch.library.custom_op decorator: its
+# dispatch cost 36 us a call against 7 us here (64x64 layer), on a path that runs 210 times per token.
+_LIBRARY = torch.library.Library("sparsecraft", "DEF")
+_LIBRARY.define("sparse_linear(Tensor x, Tensor[] arrays, Tensor? bias, str fmt, str names, int out_features, int n, "
+                "int m, int[] block) -> Tensor")
+
+
+def _sparse_linear_impl(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int,
+                        n: int, m: int, block: list[int]) -> Tensor:
     """y = x W^T + b for the format ``fmt`` whose arrays (named by the comma-separated ``names``) are given."""
     sw = SparseWeight(fmt, (out_features, x.shape[-1]), dict(zip(names.split(","), arrays)), n, m, tuple(block))
     if ops.fast_path_applies(x, sw):
@@ -40,7 +46,11 @@ def sparse_linear_op(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: 
     return ops.sparse_linear(x, sw, bias)  # a new tensor: the op's output aliases no input
 
 
-@sparse_linear_op.register_fake
+_LIBRARY.impl("sparse_linear", _sparse_linear_impl, "CompositeExplicitAutograd")
+sparse_linear_op = torch.ops.sparsecraft.sparse_linear.default
+
+
+@torch.library.register_fake("sparsecraft::sparse_linear")
 def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int, n: int, m: int,
       block: list[int]) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)

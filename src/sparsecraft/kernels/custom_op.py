@@ -34,10 +34,12 @@ _LIBRARY.define("sparse_linear(Tensor x, Tensor[] arrays, Tensor? bias, str fmt,
 def _sparse_linear_impl(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int,
                         n: int, m: int, block: list[int]) -> Tensor:
     """y = x W^T + b for the format ``fmt`` whose arrays (named by the comma-separated ``names``) are given."""
+    key = (fmt, out_features, x.shape[-1], n, m, *block, *[(a.data_ptr(), a.numel(), a.dtype) for a in arrays])
+    plan = _PLANS.get(key)
+    if plan is not None and plan[3] is not None and ops._one_token_fast(x, x.shape[-1], bias):
+        return ops.run_one_token(plan[3], x, out_features, bias)  # decoding: no SparseWeight to build
     sw = SparseWeight(fmt, (out_features, x.shape[-1]), dict(zip(names.split(","), arrays)), n, m, tuple(block))
     if ops.fast_path_applies(x, sw):
-        key = (fmt, out_features, x.shape[-1], n, m, tuple(block), *((a.data_ptr(), a.numel(), a.dtype) for a in arrays))
-        plan = _PLANS.get(key)
         if plan is None:
             plan = _PLANS[key] = ops._plan(sw)  # the one-token plan's struct lives in the tuple: kept alive here
             if len(_PLANS) > MAX_PLANS:

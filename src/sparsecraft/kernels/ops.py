@@ -49,11 +49,7 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
     plan = sw._plan
     if plan is not None and plan[3] is not None and _one_token_fast(x, sw.shape[1], bias):
         # decoding: every microsecond of Python is paid 7 times per block per token
-        y = torch.empty(*x.shape[:-1], sw.shape[0])
-        rc = library().sc_run_one(plan[3], x.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr())
-        if rc:
-            raise RuntimeError(f"sparse kernel {sw.fmt} failed with code {rc}")
-        return y
+        return run_one_token(plan[3], x, sw.shape[0], bias)
     out_features, in_features = sw.shape
     if x.shape[-1] != in_features:
         raise PatternError(f"input has {x.shape[-1]} features, the sparse weight {sw.shape} expects {in_features}")
@@ -70,6 +66,15 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
     else:
         y = _kernel(x, sw, bias)  # any leading dimensions: no reshape on the decode path (microseconds count)
     return y if dtype == torch.float32 else y.to(dtype)
+
+
+def run_one_token(plan_address: int, x: Tensor, out_features: int, bias: Tensor | None) -> Tensor:
+    """One token through a built plan (sc_run_one); x and bias passed _one_token_fast."""
+    y = torch.empty(*x.shape[:-1], out_features)
+    rc = library().sc_run_one(plan_address, x.data_ptr(), y.data_ptr(), None if bias is None else bias.data_ptr())
+    if rc:
+        raise RuntimeError(f"one-token sparse kernel failed with code {rc}")
+    return y
 
 
 def _one_token_fast(x: Tensor, in_features: int, bias: Tensor | None) -> bool:

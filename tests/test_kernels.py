@@ -463,7 +463,9 @@ def test_torch_compile_sees_each_sparse_layer_as_one_op_without_graph_breaks():
             x = torch.randn(tokens, 40)
             explained = torch._dynamo.explain(model)(x)
             assert explained.graph_break_count == 0 and explained.graph_count == 1
-            torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), model(x), rtol=1e-6, atol=1e-6)
+            compiled = torch.compile(model, backend="aot_eager")
+            for _ in range(2):  # the second call takes the cached one-token plan
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
 
 

@@ -12,6 +12,7 @@ also prunes the LM head (tied to the embedding in SmolLM2, so this untied copy i
     python benchmarks/sparse_decode.py                        # settings 0.5, 0.7, 2:4 (+ 0.9)
     python benchmarks/sparse_decode.py --settings 0.7 --prune-head
     python benchmarks/sparse_decode.py --settings 0.7 --values float16   # half the value bytes, weights rounded
+    python benchmarks/sparse_decode.py --settings 0.7 --compile          # both models torch.compile'd, decode only
     python benchmarks/sparse_decode.py --table
 """
 
@@ -44,9 +45,11 @@ def prune(model, setting: str, prune_head: bool) -> None:
             head.weight.mul_(magnitude_mask(head.weight, sparsity, n, m, per_row=True))
 
 
-def measure(model, prompt, prefill_ids, new_tokens: int) -> dict:
+def measure(model, prompt, prefill_ids, new_tokens: int, compiled: bool = False) -> dict:
     from sparsecraft.kernels.speed import decode_tokens_per_second, forward_seconds
 
+    if compiled:  # decode only: a static cache keeps the compiled graph's shapes fixed
+        return {"decode_tok_s": decode_tokens_per_second(model, prompt, new_tokens, cache_implementation="static")}
     return {"decode_tok_s": decode_tokens_per_second(model, prompt, new_tokens),
             "prefill_tok_s": prefill_ids.shape[1] / forward_seconds(model, prefill_ids, reps=3)}
 
@@ -72,13 +75,21 @@ def main(args: argparse.Namespace) -> None:
     for setting in args.settings.split(","):
         model = copy.deepcopy(dense)
         prune(model, setting, args.prune_head)
-        row = {"setting": setting, "prune_head": args.prune_head, "values": args.values, "threads": args.threads,
+        row = {"setting": setting, "prune_head": args.prune_head, "values": args.values, "compiled": args.compile,
+               "threads": args.threads,
                "new_tokens": args.new_tokens, "prefill_tokens": args.prefill, "date": time.strftime("%Y-%m-%d %H:%M")}
         values = getattr(torch, args.values)
         fast = copy.deepcopy(model)
         report = accelerate(fast, tokens=1, dtype=values, progress=False, use_cache=False)
         row["swapped"], row["layers"] = len(report.swapped), len(report.layers)
         row["formats"] = sorted({d.format for d in report.swapped})
+        if args.compile:  # both sides compiled: the comparison stays like for like
+            for candidate in (model, fast):
+                candidate.forward = torch.compile(candidate.forward)
+                measure(candidate, prompt, prefill_ids, args.new_tokens, compiled=True)  # compiles outside the timed rounds
+            _compiled_rounds(args, row, model, fast, prompt, prefill_ids, results)
+            del model, fast
+            continue
         prefill_fast = copy.deepcopy(model)
         prefill_report = accelerate(prefill_fast, tokens=args.prefill, dtype=values, progress=False, use_cache=False)
         with torch.no_grad():  # what the sparse storage does to the outputs (float16/bfloat16 values round the weights)
@@ -105,6 +116,21 @@ def main(args: argparse.Namespace) -> None:
         del model, fast, prefill_fast
 
 
+def _compiled_rounds(args: argparse.Namespace, row: dict, model, fast, prompt, prefill_ids, results: Path) -> None:
+    rounds: dict[str, list[dict]] = {"dense": [], "accelerated": []}
+    for _ in range(args.rounds):
+        for name, candidate in (("dense", model), ("accelerated", fast)):
+            rounds[name].append(measure(candidate, prompt, prefill_ids, args.new_tokens, compiled=True))
+    for name, samples in rounds.items():
+        row[name] = {"decode_tok_s": statistics.median(s["decode_tok_s"] for s in samples)}
+    row["rounds"] = rounds
+    row["decode_speedup"] = row["accelerated"]["decode_tok_s"] / row["dense"]["decode_tok_s"]
+    row["loadavg_5min"] = os.getloadavg()[1]
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
 def table(args: argparse.Namespace) -> None:
     print("| setting | LM head pruned | swapped | decode tok/s dense | accelerated | speedup | prefill tok/s dense | accelerated | speedup "
           "| prefill-tuned | speedup | its formats |")
@@ -112,6 +138,12 @@ def table(args: argparse.Namespace) -> None:
     for line in Path(args.results).read_text().splitlines():
         r = json.loads(line)
         values = "" if r.get("values", "float32") == "float32" else f" ({r['values']} values)"
+        values += " (compiled)" if r.get("compiled") else ""
+        if "prefill_tok_s" not in r["dense"]:  # compiled rows time decode only
+            print(f"| {r['setting']}{values} | {'yes' if r['prune_head'] else 'no'} | {r['swapped']}/{r['layers']} | "
+                  f"{r['dense']['decode_tok_s']:.1f} | {r['accelerated']['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | "
+                  "- | - | - | - | - | - |")
+            continue
         print(f"| {r['setting']}{values} | {'yes' if r['prune_head'] else 'no'} | {r['swapped']}/{r['layers']} | "
               f"{r['dense']['decode_tok_s']:.1f} | {r['accelerated']['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | "
               f"{r['dense']['prefill_tok_s']:.0f} | {r['accelerated']['prefill_tok_s']:.0f} | {r['prefill_speedup']:.2f}x | "
@@ -124,6 +156,8 @@ if __name__ == "__main__":
     p.add_argument("--model")
     p.add_argument("--settings", default="0.5,0.7,2:4,0.9")
     p.add_argument("--prune-head", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models (static KV cache) and time decode only")
     p.add_argument("--values", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="storage of the kept values (products accumulate in float32 either way)")
     p.add_argument("--new-tokens", type=int, default=64)

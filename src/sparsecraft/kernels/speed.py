@@ -23,13 +23,15 @@ def forward_seconds(model: nn.Module, inputs: Tensor | dict, reps: int = 5) -> f
 
 
 @torch.no_grad()
-def decode_tokens_per_second(model: nn.Module, prompt: Tensor, new_tokens: int = 32, reps: int = 3) -> float:
+def decode_tokens_per_second(model: nn.Module, prompt: Tensor, new_tokens: int = 32, reps: int = 3,
+                             **generate_kwargs) -> float:
     """Greedy generation at batch 1 with the KV cache: new tokens per second, prompt excluded.
 
     The prompt's prefill is timed separately and subtracted, so this is the one-token-at-a-time rate.
+    ``generate_kwargs`` go to ``generate`` (e.g. ``cache_implementation="static"`` for a compiled model).
     """
     def generate(n: int) -> None:
-        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **generate_kwargs)
 
     generate(2)
     rates = []

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from sparsecraft.kernels.custom_op import sparse_linear_op
 from sparsecraft.kernels.formats import SparseWeight, pack
-from sparsecraft.kernels.ops import sparse_linear
+from sparsecraft.kernels.ops import needs_grad, sparse_linear
 
 #: Buffer names are the format's array names with this prefix (they appear so in state dicts).
 PREFIX = "sparse_"
@@ -64,8 +64,7 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # compiling: one opaque node for dynamo instead of a graph break at the C call (gradients: the eager path)
-        if torch.compiler.is_compiling() and not (torch.is_grad_enabled() and (
-                x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+        if torch.compiler.is_compiling() and not needs_grad(x, self.bias):
             arrays = [self._buffers[PREFIX + name] for name in self._names]
             return sparse_linear_op(x, arrays, self.bias, self.fmt, ",".join(self._names), self.out_features, self.n, self.m,
                                     list(self.block))

@@ -61,7 +61,7 @@ def sparse_linear(x: Tensor, sw: SparseWeight, bias: Tensor | None = None) -> Te
         x = x.float()
     if bias is not None and bias.dtype != torch.float32:
         bias = bias.float()
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+    if needs_grad(x, bias):
         y = _SparseLinearFunction.apply(x.reshape(-1, in_features), bias, sw).view(*x.shape[:-1], out_features)
     else:
         y = _kernel(x, sw, bias)  # any leading dimensions: no reshape on the decode path (microseconds count)
@@ -84,7 +84,12 @@ def _one_token_fast(x: Tensor, in_features: int, bias: Tensor | None) -> bool:
         return False
     if bias is not None and not (bias.dtype == torch.float32 and bias.is_contiguous()):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
+    return not needs_grad(x, bias)
+
+
+def needs_grad(x: Tensor, bias: Tensor | None) -> bool:
+    """Autograd must record this product (the kernels have no backward of their own)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def _fallback(x: Tensor, sw: SparseWeight, bias: Tensor | None) -> Tensor:

@@ -291,7 +291,7 @@ void csr16_mm(const int32_t* rp, const uint16_t* cols, const void* vals, int64_t
 // the panel) and one value each, plus an 8-bit count per (group, panel, row) and the offset where each
 // group starts. A work item (token tile of up to 64 tokens, group) walks the panels in storage order:
 // the weights stream in sequence, and the panel's pc rows of X (128 x 64 floats, 32 KiB, by default)
-// stay in the L1 while the group's 64 rows add their kept weights of the panel to partial sums held in a local buffer.
+// stay in the L1 while the group's pr rows add their kept weights of the panel to partial sums held in a local buffer.
 // The csr16 tile kernel instead picks every kept weight's run of tokens from a tile of X that spans
 // the L2: at 70% on 768x3072 (T = 64, one thread, weights hot) it ran 17-24 GFLOP/s, this layout
 // 51-59, reading csr16 panel by panel through per-row cursors 40 (the weights then stream as 64
@@ -805,7 +805,7 @@ int sc_nm_half(const int32_t* rp, const uint8_t* bits, int64_t row_bytes, const 
 }
 
 // Panels (see panels_mm): group offsets, an 8-bit count per (group, panel, row), 8-bit column offsets,
-// pc columns per panel.
+// pr rows per group, pc columns per panel.
 int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, const void* vals, int vdtype, int64_t pr,
               int64_t pc, SC_TAIL) {
     if (pc < 1 || pc > 255 || pr < 1 || pr > kMaxPanelRows) return 3;  // counts are bytes; sums are on the stack

@@ -60,7 +60,7 @@ def copies(nbytes: int, args: argparse.Namespace) -> int:
 
 
 def our_timer(w: torch.Tensor, fmt: str, setting, x: torch.Tensor, ref: torch.Tensor, args):
-    """(nbytes, time(reps) -> median seconds of one call cycling cold copies) for our format fmt."""
+    """time(reps) -> median seconds of one call cycling cold copies of our format fmt."""
     first = K.pack(w, fmt, n=setting.n, m=setting.m, block=setting.block)
     packed = [first] + [K.pack(w, fmt, n=setting.n, m=setting.m, block=setting.block) for _ in range(copies(first.nbytes, args) - 1)]
     error = max(rel_error(p.linear(x), ref) for p in packed)
@@ -77,7 +77,7 @@ def our_timer(w: torch.Tensor, fmt: str, setting, x: torch.Tensor, ref: torch.Te
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
-    return first.nbytes, run
+    return run
 
 
 def cell(worker: PeerWorker, shape_text: str, label: str, tokens: int, root: Path, args) -> dict:
@@ -94,7 +94,7 @@ def cell(worker: PeerWorker, shape_text: str, label: str, tokens: int, root: Pat
                    x=str(root / f"{tag}_x.npy"), copies=copies(nbytes, args))
         timers[tool] = lambda reps, i=f"{tool}_{tag}": worker.ask(cmd="time", id=i, reps=reps)["seconds"]
     for fmt in args.formats.split(","):
-        timers[f"ours:{fmt}"] = our_timer(w, fmt, setting, x, ref, args)[1]
+        timers[f"ours:{fmt}"] = our_timer(w, fmt, setting, x, ref, args)
     reps = {tool: max(5, math.ceil(args.round_seconds / max(fn(5), 1e-7))) for tool, fn in timers.items()}
     names = list(timers)
     rounds: dict[str, list[float]] = {name: [] for name in names}
@@ -110,6 +110,8 @@ def cell(worker: PeerWorker, shape_text: str, label: str, tokens: int, root: Pat
            "ours_vs_ort": statistics.median([o / b for o, b in zip(rounds["ort"], ours)]),
            "deepsparse_vs_ort": statistics.median([o / d for o, d in zip(rounds["ort"], rounds["deepsparse"])]),
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for tool in ("ort", "deepsparse"):  # the cell's engines and their copies are not needed again
+        worker.ask(cmd="drop", id=f"{tool}_{tag}")
     return row
 
 

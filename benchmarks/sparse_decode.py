@@ -87,7 +87,9 @@ def main(args: argparse.Namespace) -> None:
             for candidate in (model, fast):
                 candidate.forward = torch.compile(candidate.forward)
                 measure(candidate, prompt, prefill_ids, args.new_tokens, compiled=True)  # compiles outside the timed rounds
-            _compiled_rounds(args, row, model, fast, prompt, prefill_ids, results)
+            timed_rounds(args, row, results, {
+                "dense": lambda: measure(model, prompt, prefill_ids, args.new_tokens, compiled=True),
+                "accelerated": lambda: measure(fast, prompt, prefill_ids, args.new_tokens, compiled=True)})
             del model, fast
             continue
         prefill_fast = copy.deepcopy(model)
@@ -98,33 +100,27 @@ def main(args: argparse.Namespace) -> None:
             row["logits_max_abs"] = float(reference.abs().max())
         row["prefill_formats"] = {f: sum(d.format == f for d in prefill_report.swapped)
                                   for f in sorted({d.format for d in prefill_report.swapped})}
-        rounds: dict[str, list[dict]] = {"dense": [], "accelerated": [], "prefill_tuned": []}
-        for _ in range(args.rounds):
-            for name, candidate in (("dense", model), ("accelerated", fast)):
-                rounds[name].append(measure(candidate, prompt, prefill_ids, args.new_tokens))
-            rounds["prefill_tuned"].append({"prefill_tok_s": prefill_ids.shape[1] / forward_seconds(prefill_fast, prefill_ids, reps=3)})
-        for name, samples in rounds.items():
-            row[name] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
-        row["rounds"] = rounds
-        row["decode_speedup"] = row["accelerated"]["decode_tok_s"] / row["dense"]["decode_tok_s"]
-        row["prefill_speedup"] = row["accelerated"]["prefill_tok_s"] / row["dense"]["prefill_tok_s"]
-        row["prefill_tuned_speedup"] = row["prefill_tuned"]["prefill_tok_s"] / row["dense"]["prefill_tok_s"]
-        row["loadavg_5min"] = os.getloadavg()[1]
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        timed_rounds(args, row, results, {
+            "dense": lambda: measure(model, prompt, prefill_ids, args.new_tokens),
+            "accelerated": lambda: measure(fast, prompt, prefill_ids, args.new_tokens),
+            "prefill_tuned": lambda: {"prefill_tok_s": prefill_ids.shape[1] / forward_seconds(prefill_fast, prefill_ids, reps=3)}})
         del model, fast, prefill_fast
 
 
-def _compiled_rounds(args: argparse.Namespace, row: dict, model, fast, prompt, prefill_ids, results: Path) -> None:
-    rounds: dict[str, list[dict]] = {"dense": [], "accelerated": []}
+def timed_rounds(args: argparse.Namespace, row: dict, results: Path, timers: dict) -> None:
+    """Runs every timer once per round (in order, --rounds times), stores medians, rounds and speedups
+    over dense in row, and appends row to results."""
+    rounds: dict[str, list[dict]] = {name: [] for name in timers}
     for _ in range(args.rounds):
-        for name, candidate in (("dense", model), ("accelerated", fast)):
-            rounds[name].append(measure(candidate, prompt, prefill_ids, args.new_tokens, compiled=True))
+        for name, timer in timers.items():
+            rounds[name].append(timer())
     for name, samples in rounds.items():
-        row[name] = {"decode_tok_s": statistics.median(s["decode_tok_s"] for s in samples)}
+        row[name] = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
     row["rounds"] = rounds
     row["decode_speedup"] = row["accelerated"]["decode_tok_s"] / row["dense"]["decode_tok_s"]
+    if "prefill_tok_s" in row["dense"]:  # compiled runs time decode only
+        row["prefill_speedup"] = row["accelerated"]["prefill_tok_s"] / row["dense"]["prefill_tok_s"]
+        row["prefill_tuned_speedup"] = row["prefill_tuned"]["prefill_tok_s"] / row["dense"]["prefill_tok_s"]
     row["loadavg_5min"] = os.getloadavg()[1]
     with results.open("a") as f:
         f.write(json.dumps(row) + "\n")

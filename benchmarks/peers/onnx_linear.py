@@ -167,6 +167,7 @@ def serve(factories: dict[str, Factory], threads: int, work: Path) -> None:
         {"cmd": "build", "id": "...", "tool": "deepsparse", "weight": "/abs/w.npy", "x": "/abs/x.npy", "copies": 12}
             -> {"id": ..., "build_seconds": ..., "max_rel_error": ...}
         {"cmd": "time", "id": "...", "reps": 200}  -> {"id": ..., "seconds": median of reps calls (cycling the copies)}
+        {"cmd": "drop", "id": "..."} -> {"id": ...} (the engines are freed)
         {"cmd": "versions"} -> versions(); {"cmd": "quit"}
     """
     engines: dict[str, list[Forward]] = {}
@@ -176,6 +177,9 @@ def serve(factories: dict[str, Factory], threads: int, work: Path) -> None:
             return
         if req["cmd"] == "versions":
             reply = versions()
+        elif req["cmd"] == "drop":
+            engines.pop(req["id"], None)
+            reply = {"id": req["id"]}
         elif req["cmd"] == "build":
             weight = np.load(req["weight"]).astype(np.float32, copy=False)
             x = np.load(req["x"]).astype(np.float32, copy=False)

@@ -88,7 +88,7 @@ def test_block_format_equals_the_dense_product(block, brows, bcols, density, tok
 @settings(max_examples=40, deadline=None)
 @given(out=st.integers(60, 300), inp=st.integers(60, 300), density=st.sampled_from([0.05, 0.3, 1.0]),
        tokens=st.sampled_from([1, 8, 24, 40, 64, 72, 200]), columns=st.sampled_from([None, 64, 255, 40]),
-       rows=st.sampled_from([None, 128, 32, 7]), seed=st.integers(0, 10_000))
+       rows=st.sampled_from([None, 128, 32, 7, 1]), seed=st.integers(0, 10_000))
 def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp, density, tokens, columns, rows, seed):
     """Several groups of 64 rows (or as asked, up to 128) and panels of 128 columns (or as asked, up to 255),
     ragged last ones, a full panel row (a count of 255 included), and every register block of the many-token
@@ -119,6 +119,33 @@ def test_panels_store_groups_panel_by_panel_and_equal_the_dense_product(out, inp
         K.pack(W, "panels", block=(PANEL_ROWS, 300))
     with pytest.raises(PatternError, match=f"groups of {MAX_PANEL_ROWS + 1} rows; choose 1-{MAX_PANEL_ROWS}"):
         K.pack(W, "panels", block=(MAX_PANEL_ROWS + 1, 128))  # the kernels' partial sums have room for 128 rows
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_token_panels_handle_runs_of_every_length(rows, dtype):
+    """The one-token panels kernel adds each (row, panel) run eight at a time with one masked step for its
+    last 1-7 weights (values zeroed, offsets pointed at the panel's first input), except at the very end of
+    the arrays, where it sums one by one. Runs of 0-17 weights, a ragged last panel, the arrays ending with
+    a run of five, and inf in memory right after x: an unmasked offset past the last panel would read it."""
+    out, pc, inp = 37, 24, 65  # panels of 24, 24 and 17 columns
+    W = torch.zeros(out, inp)
+    g = torch.Generator().manual_seed(0)
+    for r in range(out):
+        for p in range(3):
+            width = min(pc, inp - p * pc)
+            kept = min((r + 5 * p) % 18, width)
+            W[r, p * pc + torch.randperm(width, generator=g)[:kept]] = torch.randn(kept, generator=g)
+    W[-1, 2 * pc:] = 0
+    W[-1, 2 * pc:2 * pc + 5] = 1.0  # no eight bytes of offsets left after this run
+    W = W.to(dtype).float()  # values the storage holds exactly
+    packed = K.pack(W, "panels", dtype=dtype, block=(rows, pc))
+    memory = torch.full((inp + 256,), float("inf"))
+    x = memory[:inp].view(1, inp)
+    x.copy_(torch.randn(1, inp, generator=g))
+    y = packed.linear(x)
+    assert torch.isfinite(y).all()
+    assert_matches_dense(y, x, W, None)
 
 
 @pytest.mark.parametrize("tile", [8, 16, 32, 64])

@@ -496,6 +496,58 @@ def test_torch_compile_sees_each_sparse_layer_as_one_op_without_graph_breaks():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("cpp_op", [True, False])
+def test_compiled_one_token_layers_call_the_cpp_operator_where_it_is_built(cpp_op, monkeypatch):
+    """One token: sparsecraft::one_token (torch_op.cpp); more tokens, or without the C++ operator, the Python op."""
+    from sparsecraft.kernels import custom_op
+
+    assert build.torch_op()  # torch's wheel ships the headers it builds against
+    if not cpp_op:
+        monkeypatch.setattr(custom_op, "torch_op", lambda: False)
+    torch._dynamo.reset()
+    layers = [K.SparseLinear(K.pack(sparse_weight(48, 40, 0.3, 1), "csr16"), torch.randn(48)),
+              K.SparseLinear(K.pack(torch.randn(32, 48) * NM(2, 4).mask(torch.randn(32, 48).abs()), "nm", n=2, m=4,
+                                    dtype=torch.float16)),
+              K.SparseLinear(K.pack(sparse_weight(40, 32, 0.3, 3), "panels"), torch.randn(40))]
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.LayerNorm(32), layers[2]).eval()
+    with torch.no_grad():
+        for tokens in (1, 7):
+            x = torch.randn(1, tokens, 40)
+            code = torch._dynamo.explain(model)(x).graphs[0].code
+            one_token = tokens == 1 and cpp_op
+            assert code.count("sparsecraft.one_token") == (3 if one_token else 0)
+            assert code.count("sparsecraft.sparse_linear") == (0 if one_token else 3)
+            compiled = torch.compile(model, backend="aot_eager")
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_the_cpp_operator_refuses_what_it_cannot_compute():
+    assert build.torch_op()
+    sw = K.pack(sparse_weight(8, 16, 0.5, 0), "csr16")
+    arrays = [sw.tensors["row_ptr"], sw.tensors["cols"], sw.tensors["values"]]
+    op = torch.ops.sparsecraft.one_token.default
+    torch.testing.assert_close(op(torch.ones(1, 16), arrays, None, 0, 8, sw.nnz, 1 << 16, 0, 1, 1), sw.linear(torch.ones(1, 16)))
+    with pytest.raises(RuntimeError, match="one contiguous float32 CPU token"):
+        op(torch.ones(2, 16), arrays, None, 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of the output size"):
+        op(torch.ones(1, 16), arrays, torch.ones(9), 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
+
+
+def test_a_cpp_operator_that_cannot_be_built_leaves_the_python_op_with_one_warning(tmp_path, monkeypatch):
+    broken = tmp_path / "torch_op.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(build, "TORCH_OP_SOURCE", broken)
+    monkeypatch.setenv("SPARSECRAFT_CACHE", str(tmp_path / "cache"))
+    build.torch_op.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiled-graph operator could not be built"):
+            assert not build.torch_op()
+        assert not list((tmp_path / "cache").rglob("torch_op-*"))  # no half-written library left behind
+    finally:
+        build.torch_op.cache_clear()
+
+
 def test_sparse_checkpoint_size_is_proportional_to_kept_weights(tmp_path):
     sizes = {}
     for sparsity in (0.5, 0.9):

@@ -26,7 +26,10 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / name for name in ("sparse_kernels.cpp", "activation_kernels.cpp")]
+#: Included by the sources: part of the cache key.
+HEADERS = [CSRC / "plan.h"]
 ABI_VERSION = 8
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 #: Extra compiler flags, e.g. "-mno-avx512f" to build (and test) the AVX2 kernels on an AVX-512 machine.
@@ -77,12 +80,16 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def compile_library(compiler: str, target: Path, sources: list[Path] = SOURCES) -> None:
+def compile_library(compiler: str, target: Path, sources: list[Path] = SOURCES, flags: list[str] | None = None,
+                    link: list[str] = ()) -> None:
+    """Compiles sources into the shared library target (atomically: a temporary name, then a rename);
+    link: libraries, after the sources (linkers drop a library named before the code that needs it)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *_flags(), *map(str, sources), "-o", tmp], capture_output=True, text=True, timeout=300)
+        cmd = [compiler, *(_flags() if flags is None else flags), *map(str, sources), *link, "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "compiler failed")
         os.replace(tmp, target)
@@ -119,7 +126,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("sparsecraft kernels: no C++ compiler or not x86-64; sparse layers use plain PyTorch (slower)", stacklevel=2)
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES), " ".join(_flags()).encode(), version.encode(), _cpu_signature().encode()]))
+    key = hashlib.sha256(b"\0".join([*(src.read_bytes() for src in SOURCES + HEADERS), " ".join(_flags()).encode(), version.encode(), _cpu_signature().encode()]))
     target = cache_dir() / f"sparse_kernels-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
@@ -133,3 +140,36 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled fast path is loaded (compiling it on first call)."""
     return library() is not None
+
+
+TORCH_OP_SOURCE = CSRC / "torch_op.cpp"
+
+
+@lru_cache(maxsize=1)
+def torch_op() -> bool:
+    """Whether ``torch.ops.sparsecraft.one_token`` (torch_op.cpp, for compiled graphs) is loaded, building it
+    at first use against torch's stable C ABI and the kernel library. When it cannot be built (no torch
+    headers, another torch's ABI), compiled graphs keep the Python op: slower, same results."""
+    lib = library()
+    compiler = find_compiler()
+    if lib is None or compiler is None or os.environ.get("SPARSECRAFT_NO_TORCH_OP"):
+        return False
+    import torch
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    kernels = Path(lib._name)
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", *(f"-I{p}" for p in include_paths())]
+    link = [*(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()), "-ltorch_cpu", "-lc10",
+            str(kernels), f"-Wl,-rpath,{kernels.parent}"]
+    key = hashlib.sha256(b"\0".join([TORCH_OP_SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS),
+                                      " ".join(flags).encode(), " ".join(link).encode(), torch.__version__.encode()]))
+    target = cache_dir() / f"torch_op-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            compile_library(compiler, target, [TORCH_OP_SOURCE], flags, link)
+        torch.ops.load_library(str(target))
+        return True
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+        warnings.warn(f"sparsecraft: the compiled-graph operator could not be built ({exc}); torch.compile'd sparse "
+                      "layers use the Python operator (slower, same results)", stacklevel=2)
+        return False

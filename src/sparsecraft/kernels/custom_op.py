@@ -5,6 +5,9 @@ compiled graph in two (a 30-block decoder: 210 breaks). Registered as ``sparsecr
 with a shape function, a sparse layer is one opaque node and the rest of the model (norms, attention,
 activations) compiles around it. Eager calls do not come here: the op's dispatch costs microseconds
 that a one-token product cannot spare.
+
+One token (decoding) takes ``sparsecraft::one_token`` instead where it could be built (torch_op.cpp,
+about 6 us a call against 17 for this Python op).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from torch import Tensor
 
 from sparsecraft.kernels import ops
-from sparsecraft.kernels.formats import SparseWeight
+from sparsecraft.kernels.build import torch_op
+from sparsecraft.kernels.formats import PAD, SparseWeight
 
 
 #: Kernel plans by everything they are built from (format, sizes, the arrays' addresses, lengths and
@@ -49,6 +53,9 @@ def _sparse_linear_impl(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fm
 
 
 _LIBRARY.impl("sparse_linear", _sparse_linear_impl, "CompositeExplicitAutograd")
+# Its CPU kernel comes from torch_op.cpp (build.torch_op); nothing calls it before that is loaded.
+_LIBRARY.define("one_token(Tensor x, Tensor[] arrays, Tensor? bias, int kind, int out, int nnz, int min_work, "
+                "int row_bytes, int bh, int bw) -> Tensor")
 sparse_linear_op = torch.ops.sparsecraft.sparse_linear.default
 
 
@@ -56,3 +63,30 @@ sparse_linear_op = torch.ops.sparsecraft.sparse_linear.default
 def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fmt: str, names: str, out_features: int, n: int, m: int,
       block: list[int]) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.compiler.assume_constant_result
+def _torch_op_ready() -> bool:
+    """build.torch_op() run once at trace time, its answer a constant of the graph (it compiles and loads a library)."""
+    return torch_op()
+
+
+def compiled_sparse_linear(x: Tensor, arrays: dict[str, Tensor], bias: Tensor | None, fmt: str, out_features: int, n: int,
+                           m: int, block: tuple[int, int]) -> Tensor:
+    """The op a compiled graph calls for one sparse layer: one_token for one float32 token where it was built,
+    sparse_linear otherwise. Decided at trace time (shapes, dtypes and the fmt are fixed in a graph)."""
+    in_features = x.shape[-1]
+    kind = ops.one_token_kind(fmt, n, m, in_features)
+    if (kind is not None and x.numel() == in_features and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())) and _torch_op_ready()):
+        ordered = [arrays[name] for name in ops.ONE_TOKEN_ARRAYS[fmt]] + [arrays["values"]]
+        row_bytes = arrays["bits"].shape[1] if "bits" in arrays else 0
+        return torch.ops.sparsecraft.one_token.default(x, ordered, bias, kind, out_features, arrays["values"].numel() - PAD,
+                                                       ops.MIN_WORK_PER_THREAD, row_bytes, *block)
+    return sparse_linear_op(x, list(arrays.values()), bias, fmt, ",".join(arrays), out_features, n, m, list(block))
+
+
+@torch.library.register_fake("sparsecraft::one_token")
+def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, kind: int, out: int, nnz: int, min_work: int, row_bytes: int,
+      bh: int, bw: int) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sparsecraft.kernels.custom_op import sparse_linear_op
+from sparsecraft.kernels.custom_op import compiled_sparse_linear
 from sparsecraft.kernels.formats import SparseWeight, pack
 from sparsecraft.kernels.ops import needs_grad, sparse_linear
 
@@ -65,9 +65,8 @@ class SparseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # compiling: one opaque node for dynamo instead of a graph break at the C call (gradients: the eager path)
         if torch.compiler.is_compiling() and not needs_grad(x, self.bias):
-            arrays = [self._buffers[PREFIX + name] for name in self._names]
-            return sparse_linear_op(x, arrays, self.bias, self.fmt, ",".join(self._names), self.out_features, self.n, self.m,
-                                    list(self.block))
+            arrays = {name: self._buffers[PREFIX + name] for name in self._names}
+            return compiled_sparse_linear(x, arrays, self.bias, self.fmt, self.out_features, self.n, self.m, self.block)
         return sparse_linear(x, self.sparse, self.bias)
 
     def to_dense(self) -> Tensor:

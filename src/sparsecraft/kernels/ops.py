@@ -108,19 +108,28 @@ def is_half_density_nm(n: int, m: int) -> bool:
 
 #: OneTokenPlan.kind per format (sc_run_one); the N:M decoder at half density is kind 2.
 _KINDS = {"csr16": 0, "bitmask": 1, "nm": 1, "block": 3, "panels": 4}
+#: The arrays a one-token plan points at, in the order of the format's sc_ function (the values follow).
+ONE_TOKEN_ARRAYS = {"csr16": ("row_ptr", "cols"), "bitmask": ("row_ptr", "bits"), "nm": ("row_ptr", "bits"),
+                    "block": ("block_row_ptr", "block_cols"), "panels": ("group_ptr", "counts", "cols")}
+
+
+def one_token_kind(fmt: str, n: int, m: int, in_features: int) -> int | None:
+    """The plan kind of sc_run_one, or None where one token needs Python's help
+    (the bitmask decoders read x 8 columns at a time: a width that is not a multiple of 8 is padded first)."""
+    if fmt in ("bitmask", "nm") and in_features % 8:
+        return None
+    return 2 if fmt == "nm" and is_half_density_nm(n, m) else _KINDS[fmt]
 
 
 def _one_token_plan(sw: SparseWeight, vdtype: int) -> OneTokenPlan | None:
-    """The sc_run_one plan, or None where one token needs Python's help
-    (the bitmask decoders read x 8 columns at a time: a width that is not a multiple of 8 is padded first)."""
+    """The sc_run_one plan, or None (see one_token_kind)."""
     out, inp = sw.shape
-    if sw.fmt in ("bitmask", "nm") and inp % 8:
+    kind = one_token_kind(sw.fmt, sw.n, sw.m, inp)
+    if kind is None:
         return None
     t = sw.tensors
-    kind = 2 if sw.fmt == "nm" and is_half_density_nm(sw.n, sw.m) else _KINDS[sw.fmt]
-    arrays = {"csr16": ("row_ptr", "cols"), "bitmask": ("row_ptr", "bits"), "nm": ("row_ptr", "bits"),
-              "block": ("block_row_ptr", "block_cols"), "panels": ("group_ptr", "counts", "cols")}[sw.fmt]
-    ptrs = [t[name].data_ptr() for name in arrays] + [None] * (3 - len(arrays))
+    ptrs = [t[name].data_ptr() for name in ONE_TOKEN_ARRAYS[sw.fmt]]
+    ptrs += [None] * (3 - len(ptrs))
     row_bytes = t["bits"].shape[1] if "bits" in t else 0
     return OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, t["values"].data_ptr(), *sw.block)
 

@@ -21,6 +21,8 @@
 
 #include <type_traits>
 
+#include "plan.h"
+
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "sparsecraft kernels need AVX2, FMA and F16C"
 #endif
@@ -847,18 +849,10 @@ int sc_panels(const int32_t* gp, const uint8_t* counts, const uint8_t* cols, con
     return dispatch<Panels>(vdtype, gp, counts, cols, vals, pr, pc, xt, y, bias, out, in, tp, tokens, tile, threads);
 }
 
-// One token through a plan fixed when the layer is first called (ops._plan): four arguments instead of
-// fourteen, because at decoding each ctypes argument costs about 0.3 us of a call that moves 50-800 us
-// of weights. The thread count follows torch's setting (the OpenMP runtime is torch's), capped so that
-// each thread gets at least min_work multiply-adds (waking a thread costs more than small products).
-struct ScPlan {
-    int32_t kind;  // 0 csr16, 1 bitmask, 2 N:M at half density, 3 block, 4 panels
-    int32_t vdtype;
-    int64_t out, in, nnz, min_work, row_bytes;
-    const void *a, *b, *c, *values;  // the format's arrays in the order of its sc_ function
-    int32_t bh, bw;  // block: (bh, bw); panels: (rows per group, columns per panel)
-};
-
+// One token through a plan (plan.h) fixed when the layer is first called (ops._plan), or built per
+// call by the torch op of compiled graphs (torch_op.cpp). The thread count follows torch's setting (the
+// OpenMP runtime is torch's), capped so that each thread gets at least min_work multiply-adds (waking
+// a thread costs more than small products).
 int sc_max_threads() { return omp_get_max_threads(); }
 
 int sc_run_one(const ScPlan* p, const float* x, float* y, const float* bias) {

@@ -508,15 +508,17 @@ def test_compiled_one_token_layers_call_the_cpp_operator_where_it_is_built(cpp_o
     layers = [K.SparseLinear(K.pack(sparse_weight(48, 40, 0.3, 1), "csr16"), torch.randn(48)),
               K.SparseLinear(K.pack(torch.randn(32, 48) * NM(2, 4).mask(torch.randn(32, 48).abs()), "nm", n=2, m=4,
                                     dtype=torch.float16)),
-              K.SparseLinear(K.pack(sparse_weight(40, 32, 0.3, 3), "panels"), torch.randn(40))]
-    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.LayerNorm(32), layers[2]).eval()
+              K.SparseLinear(K.pack(sparse_weight(40, 32, 0.3, 3), "panels"), torch.randn(40)),
+              K.SparseLinear(K.pack(sparse_weight(40, 40, 0.3, 4), "bitmask", dtype=torch.bfloat16)),
+              K.SparseLinear(K.pack(sparse_weight(40, 40, 0.1, 5), "block", block=(4, 8)), torch.randn(40))]
+    model = torch.nn.Sequential(layers[0], torch.nn.GELU(), layers[1], torch.nn.LayerNorm(32), *layers[2:]).eval()
     with torch.no_grad():
         for tokens in (1, 7):
             x = torch.randn(1, tokens, 40)
             code = torch._dynamo.explain(model)(x).graphs[0].code
             one_token = tokens == 1 and cpp_op
-            assert code.count("sparsecraft.one_token") == (3 if one_token else 0)
-            assert code.count("sparsecraft.sparse_linear") == (0 if one_token else 3)
+            assert code.count("sparsecraft.one_token") == (5 if one_token else 0)  # every format's plan kind
+            assert code.count("sparsecraft.sparse_linear") == (0 if one_token else 5)
             compiled = torch.compile(model, backend="aot_eager")
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()

@@ -36,7 +36,7 @@ Tensor one_token(Tensor x, std::vector<Tensor> arrays, std::optional<Tensor> bia
     const int64_t in = x.size(x.dim() - 1);
     STD_TORCH_CHECK(x.is_cpu() && x.scalar_type() == ScalarType::Float && x.is_contiguous() && x.numel() == in,
                     "sparsecraft::one_token takes one contiguous float32 CPU token");
-    STD_TORCH_CHECK(arrays.size() >= 2 && arrays.size() <= 4, "sparsecraft::one_token: 2-4 arrays, values last");
+    STD_TORCH_CHECK(arrays.size() == 3 || arrays.size() == 4, "sparsecraft::one_token: 3 or 4 arrays, values last");
     STD_TORCH_CHECK(!bias || (bias->scalar_type() == ScalarType::Float && bias->is_contiguous() && bias->numel() == out),
                     "sparsecraft::one_token: the bias must be a contiguous float32 vector of the output size");
     const Tensor& values = arrays.back();

@@ -529,11 +529,11 @@ def test_the_cpp_operator_refuses_what_it_cannot_compute():
     sw = K.pack(sparse_weight(8, 16, 0.5, 0), "csr16")
     arrays = [sw.tensors["row_ptr"], sw.tensors["cols"], sw.tensors["values"]]
     op = torch.ops.sparsecraft.one_token.default
-    torch.testing.assert_close(op(torch.ones(1, 16), arrays, None, 0, 8, sw.nnz, 1 << 16, 0, 1, 1), sw.linear(torch.ones(1, 16)))
+    torch.testing.assert_close(op(torch.ones(1, 16), arrays, None, 0, 0, 8, sw.nnz, 1 << 16, 0, 1, 1), sw.linear(torch.ones(1, 16)))
     with pytest.raises(RuntimeError, match="one contiguous float32 CPU token"):
-        op(torch.ones(2, 16), arrays, None, 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
+        op(torch.ones(2, 16), arrays, None, 0, 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
     with pytest.raises(RuntimeError, match="bias must be a contiguous float32 vector of the output size"):
-        op(torch.ones(1, 16), arrays, torch.ones(9), 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
+        op(torch.ones(1, 16), arrays, torch.ones(9), 0, 0, 8, sw.nnz, 1 << 16, 0, 1, 1)
 
 
 def test_a_cpp_operator_that_cannot_be_built_leaves_the_python_op_with_one_warning(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from sparsecraft.kernels import ops
 from sparsecraft.kernels.build import torch_op
-from sparsecraft.kernels.formats import PAD, SparseWeight
+from sparsecraft.kernels.formats import PAD, VALUE_DTYPES, SparseWeight
 
 
 #: Kernel plans by everything they are built from (format, sizes, the arrays' addresses, lengths and
@@ -54,8 +54,8 @@ def _sparse_linear_impl(x: Tensor, arrays: list[Tensor], bias: Tensor | None, fm
 
 _LIBRARY.impl("sparse_linear", _sparse_linear_impl, "CompositeExplicitAutograd")
 # Its CPU kernel comes from torch_op.cpp (build.torch_op); nothing calls it before that is loaded.
-_LIBRARY.define("one_token(Tensor x, Tensor[] arrays, Tensor? bias, int kind, int out, int nnz, int min_work, "
-                "int row_bytes, int bh, int bw) -> Tensor")
+_LIBRARY.define("one_token(Tensor x, Tensor[] arrays, Tensor? bias, int kind, int vdtype, int out, int nnz, "
+                "int min_work, int row_bytes, int bh, int bw) -> Tensor")
 sparse_linear_op = torch.ops.sparsecraft.sparse_linear.default
 
 
@@ -79,14 +79,14 @@ def compiled_sparse_linear(x: Tensor, arrays: dict[str, Tensor], bias: Tensor | 
     kind = ops.one_token_kind(fmt, n, m, in_features)
     if (kind is not None and x.numel() == in_features and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous()
             and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())) and _torch_op_ready()):
-        ordered = [arrays[name] for name in ops.ONE_TOKEN_ARRAYS[fmt]] + [arrays["values"]]
-        row_bytes = arrays["bits"].shape[1] if "bits" in arrays else 0
-        return torch.ops.sparsecraft.one_token.default(x, ordered, bias, kind, out_features, arrays["values"].numel() - PAD,
-                                                       ops.MIN_WORK_PER_THREAD, row_bytes, *block)
+        ordered, row_bytes = ops.one_token_arrays(fmt, arrays)
+        values = arrays["values"]
+        return torch.ops.sparsecraft.one_token.default(x, ordered, bias, kind, VALUE_DTYPES[values.dtype], out_features,
+                                                       values.numel() - PAD, ops.MIN_WORK_PER_THREAD, row_bytes, *block)
     return sparse_linear_op(x, list(arrays.values()), bias, fmt, ",".join(arrays), out_features, n, m, list(block))
 
 
 @torch.library.register_fake("sparsecraft::one_token")
-def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, kind: int, out: int, nnz: int, min_work: int, row_bytes: int,
-      bh: int, bw: int) -> Tensor:
+def _(x: Tensor, arrays: list[Tensor], bias: Tensor | None, kind: int, vdtype: int, out: int, nnz: int, min_work: int,
+      row_bytes: int, bh: int, bw: int) -> Tensor:
     return x.new_empty(*x.shape[:-1], out)

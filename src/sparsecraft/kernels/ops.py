@@ -121,17 +121,23 @@ def one_token_kind(fmt: str, n: int, m: int, in_features: int) -> int | None:
     return 2 if fmt == "nm" and is_half_density_nm(n, m) else _KINDS[fmt]
 
 
+def one_token_arrays(fmt: str, tensors: dict[str, Tensor]) -> tuple[list[Tensor], int]:
+    """The arrays a one-token plan points at (ONE_TOKEN_ARRAYS, then the values) and the bitmask's bytes
+    per row (0 for formats without one)."""
+    arrays = [tensors[name] for name in ONE_TOKEN_ARRAYS[fmt]] + [tensors["values"]]
+    return arrays, tensors["bits"].shape[1] if "bits" in tensors else 0
+
+
 def _one_token_plan(sw: SparseWeight, vdtype: int) -> OneTokenPlan | None:
     """The sc_run_one plan, or None (see one_token_kind)."""
     out, inp = sw.shape
     kind = one_token_kind(sw.fmt, sw.n, sw.m, inp)
     if kind is None:
         return None
-    t = sw.tensors
-    ptrs = [t[name].data_ptr() for name in ONE_TOKEN_ARRAYS[sw.fmt]]
+    arrays, row_bytes = one_token_arrays(sw.fmt, sw.tensors)
+    ptrs = [a.data_ptr() for a in arrays[:-1]]
     ptrs += [None] * (3 - len(ptrs))
-    row_bytes = t["bits"].shape[1] if "bits" in t else 0
-    return OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, t["values"].data_ptr(), *sw.block)
+    return OneTokenPlan(kind, vdtype, out, inp, sw.nnz, MIN_WORK_PER_THREAD, row_bytes, *ptrs, arrays[-1].data_ptr(), *sw.block)
 
 
 def _plan(sw: SparseWeight) -> tuple:
